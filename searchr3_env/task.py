@@ -1,0 +1,182 @@
+"""What the single and the vector env share: the collection, the index and how a batch is scored.
+
+``RetrievalTask`` resolves the env's keyword arguments (dataset object or path,
+document encoder, index object or path, reward, split) once, and scores a batch
+of (query id, embedding) pairs with one matrix product. ``RetrievalEnv`` and
+``RetrievalVectorEnv`` are thin Gymnasium shells around it, so both give the
+same rewards for the same actions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gymnasium import spaces
+
+from .beir import load_beir
+from .dataset import RetrievalDataset
+from .encoders import Encoder, HashingEncoder
+from .index import CorpusIndex
+from .metrics import ndcg
+from .rewards import RewardFn, get_reward
+
+DatasetLike = RetrievalDataset | str | Path | None
+IndexLike = CorpusIndex | str | Path | None
+
+
+def resolve_dataset(dataset: DatasetLike) -> RetrievalDataset:
+    """A dataset object as is; ``None`` or ``"synthetic"`` the built-in collection; else a BEIR folder."""
+    if isinstance(dataset, RetrievalDataset):
+        return dataset
+    if dataset is None or dataset == "synthetic":
+        from .synthetic import make_synthetic
+
+        return make_synthetic()
+    return load_beir(dataset)
+
+
+def default_document_encoder(dataset: RetrievalDataset) -> HashingEncoder:
+    return HashingEncoder().fit(dataset.document_texts())
+
+
+@dataclass
+class BatchScore:
+    """Rewards and diagnostics for a batch of queries, one row each."""
+
+    rewards: np.ndarray  # (n,) float64
+    ranks: np.ndarray  # (n, m) pessimistic ranks of the relevant docs, 0 = padding
+    grades: np.ndarray  # (n, m) their grades, 0 = padding
+    top_positions: np.ndarray  # (n, top_k) index rows, best first
+    top_scores: np.ndarray  # (n, top_k)
+    ndcg10: np.ndarray  # (n,)
+
+
+class RetrievalTask:
+    """A collection split, its versioned document index and a reward over ranks."""
+
+    def __init__(
+        self,
+        dataset: DatasetLike = None,
+        encoder: Encoder | None = None,
+        index: IndexLike = None,
+        reward: str | RewardFn = "ndcg",
+        split: str = "train",
+        top_k: int = 10,
+        progress: bool = False,
+    ):
+        full = resolve_dataset(dataset)
+        self.dataset = full.split(split)
+        self.encoder = encoder if encoder is not None else default_document_encoder(full)
+        self.index = self._resolve_index(index, full, progress)
+        self.reward_name, self.reward_fn = get_reward(reward)
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        self.top_k = min(top_k, len(self.index))
+        self.query_ids = self.dataset.judged_query_ids
+        if not self.query_ids:
+            raise ValueError(f"{self.dataset!r} has no judged queries to draw from")
+        self._qpos = {q: i for i, q in enumerate(self.query_ids)}
+        # Relevant documents per query as padded (n_queries, max_rel) arrays, ready for batched ranks.
+        rel = [self.dataset.relevant(q) for q in self.query_ids]
+        width = max(len(r) for r in rel)
+        self.rel_positions = np.full((len(rel), width), -1, dtype=np.int64)
+        self.rel_grades = np.zeros((len(rel), width), dtype=np.int64)
+        for i, judged in enumerate(rel):
+            self.rel_positions[i, : len(judged)] = self.index.positions(list(judged))
+            self.rel_grades[i, : len(judged)] = list(judged.values())
+        # The observation space covers every query of the collection, whatever the split.
+        texts = list(full.queries.values())
+        self.observation_space = spaces.Text(
+            max_length=max(len(t) for t in texts), min_length=0, charset=frozenset("".join(texts)) or frozenset(" ")
+        )
+        self.action_space = spaces.Box(-1.0, 1.0, (self.index.dim,), np.float32)
+
+    def _resolve_index(self, index: IndexLike, dataset: RetrievalDataset, progress: bool) -> CorpusIndex:
+        if index is None:
+            return CorpusIndex.build(dataset, self.encoder, progress=progress)
+        if not isinstance(index, CorpusIndex):
+            index = CorpusIndex.load(index, corpus_fingerprint=dataset.corpus_fingerprint, dim=self.encoder.dim)
+        if index.dim != self.encoder.dim:
+            raise ValueError(f"index has dim {index.dim} but the document encoder has dim {self.encoder.dim}")
+        if index.encoder_name not in ("unknown", self.encoder.name):
+            raise ValueError(
+                f"index rows were written by encoder {index.encoder_name!r}, not by {self.encoder.name!r}"
+            )
+        if index.corpus_fingerprint not in (None, dataset.corpus_fingerprint):
+            raise ValueError("index was built for another corpus (fingerprint mismatch)")
+        return index
+
+    @property
+    def dim(self) -> int:
+        return self.index.dim
+
+    def query_text(self, query_id: str) -> str:
+        return self.dataset.queries[query_id]
+
+    def check_query_id(self, query_id: Any) -> str:
+        if query_id not in self._qpos:
+            raise ValueError(
+                f"query_id {query_id!r} is not a judged query of split {self.dataset.split_name!r} "
+                f"of {self.dataset.name!r}"
+            )
+        return query_id
+
+    def check_actions(self, actions: Any, batch: int | None = None) -> np.ndarray:
+        """Validate embeddings and return them unit-normalised as (n, dim) float32.
+
+        Non-unit vectors are normalised (an embedding's direction is what ranks);
+        wrong shape or dtype, NaN/inf and all-zero vectors raise ``ValueError``.
+        """
+        a = np.asarray(actions)
+        want = (self.dim,) if batch is None else (batch, self.dim)
+        if a.shape != want:
+            raise ValueError(f"action: expected shape {want}, got {a.shape} (dtype {a.dtype})")
+        if not np.issubdtype(a.dtype, np.floating):
+            raise ValueError(f"action: expected a float array, got dtype {a.dtype}")
+        a = a.reshape(-1, self.dim).astype(np.float32)
+        if not np.isfinite(a).all():
+            raise ValueError(f"action: contains NaN or inf (row {int(np.argwhere(~np.isfinite(a))[0, 0])})")
+        norms = np.linalg.norm(a, axis=1, keepdims=True)
+        if (norms == 0).any():
+            raise ValueError(f"action: zero vector has no direction (row {int(np.flatnonzero(norms == 0)[0])})")
+        return a / norms
+
+    def score(self, query_ids: list[str], embeddings: np.ndarray) -> BatchScore:
+        """Rank the relevant documents of each query against the index: one matrix product."""
+        rows = np.array([self._qpos[q] for q in query_ids])
+        positions, grades = self.rel_positions[rows], self.rel_grades[rows]
+        ranks = self.index.ranks(embeddings, positions)
+        padded = np.where(grades > 0, ranks, np.inf)  # the metrics' padding convention
+        top_scores, top_positions = self.index.search(embeddings, self.top_k)
+        return BatchScore(
+            rewards=np.asarray(self.reward_fn(padded, grades), dtype=np.float64),
+            ranks=ranks,
+            grades=grades,
+            top_positions=top_positions,
+            top_scores=top_scores,
+            ndcg10=ndcg(padded, grades, k=10),
+        )
+
+    def info_row(self, query_id: str, scored: BatchScore, i: int) -> dict[str, Any]:
+        """The ``info`` dict of one scored query.
+
+        Per-document values are lists, not arrays: their length varies by query,
+        and Gymnasium's vector envs batch arrays as fixed-shape columns.
+        """
+        valid = scored.grades[i] > 0
+        rel_ids = [self.index.doc_ids[p] for p in self.rel_positions[self._qpos[query_id]][valid]]
+        return {
+            "query_id": query_id,
+            "relevant_ids": rel_ids,
+            "ranks": scored.ranks[i][valid].tolist(),
+            "grades": scored.grades[i][valid].tolist(),
+            "top_k_ids": [self.index.doc_ids[p] for p in scored.top_positions[i] if p >= 0],
+            "top_k_scores": scored.top_scores[i][scored.top_positions[i] >= 0].tolist(),
+            "ndcg@10": float(scored.ndcg10[i]),
+            "index_version": self.index.index_version,
+            "encoder_version": self.encoder.version,
+        }
+

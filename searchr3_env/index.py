@@ -19,8 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import tempfile
+import logging
 import time
 import zipfile
 from pathlib import Path
@@ -30,7 +29,10 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
+from .atomic import atomic_write
 from .encoders import Encoder, check_embeddings
+
+log = logging.getLogger(__name__)
 
 FORMAT = "searchr3-corpus-index/1"
 # Score blocks of at most this many floats are materialised at once in ranks().
@@ -74,6 +76,7 @@ class CorpusIndex:
         self.corpus_fingerprint = corpus_fingerprint
         self.index_version = 0
         self._ann: faiss.Index | None = None  # built on first search for non-flat factories
+        self._ann_rows = 0
         if factory != "Flat":
             faiss.index_factory(self.dim, factory, faiss.METRIC_INNER_PRODUCT)  # fail early on a bad string
 
@@ -253,7 +256,9 @@ class CorpusIndex:
         manifest = self.manifest() | {"sha256": _checksum(arrays)}
         buf = io.BytesIO()
         np.savez(buf, manifest=np.frombuffer(json.dumps(manifest).encode(), dtype=np.uint8), **arrays)
-        return atomic_write_bytes(Path(path), buf.getbuffer())
+        with atomic_write(path) as f:
+            f.write(buf.getbuffer())
+        return Path(path)
 
     @classmethod
     def load(
@@ -321,22 +326,21 @@ def _checksum(arrays: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def atomic_write_bytes(path: Path, data) -> Path:
-    """Write to a temp file in the same folder, fsync, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return path
+def load_or_build_index(dataset, encoder: Encoder, cache_dir: str | Path, *, progress: bool = True) -> CorpusIndex:
+    """The cached index of ``dataset`` under ``encoder`` if one is saved, else build and save it.
+
+    The file name carries the corpus fingerprint, encoder name, dim and version,
+    so a changed corpus or encoder never reuses a stale file; a corrupt file is
+    reported and rebuilt.
+    """
+    path = Path(cache_dir) / (
+        f"{dataset.name}-{dataset.corpus_fingerprint[:16]}-{encoder.name}-{encoder.dim}d-v{encoder.version}.npz"
+    )
+    if path.is_file():
+        try:
+            return CorpusIndex.load(path, corpus_fingerprint=dataset.corpus_fingerprint, dim=encoder.dim)
+        except IndexFileError as err:
+            log.warning("rebuilding the cached index: %s", err)
+    index = CorpusIndex.build(dataset, encoder, progress=progress)
+    index.save(path)
+    return index

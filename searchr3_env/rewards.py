@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from .metrics import ndcg, recall, reciprocal_rank
+from .metrics import ndcg, parse_metric, recall, reciprocal_rank
 
 RewardFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
@@ -41,10 +41,6 @@ def get_reward(spec: str | RewardFn) -> tuple[str, RewardFn]:
     if spec in REWARDS:
         return spec, REWARDS[spec]
     if isinstance(spec, str) and spec.startswith("recall@"):
-        try:
-            k = int(spec.split("@", 1)[1])
-        except ValueError:
-            k = 0
-        if k >= 1:
-            return spec, lambda ranks, grades: recall(ranks, (np.asarray(grades) > 0).sum(axis=1), k)
+        _, k = parse_metric(spec)
+        return spec, lambda ranks, grades: recall(ranks, (np.asarray(grades) > 0).sum(axis=1), k)
     raise ValueError(f"unknown reward {spec!r}; choose one of {sorted(REWARDS)}, 'recall@K', or a callable")

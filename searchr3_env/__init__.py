@@ -14,8 +14,14 @@ from .beir import load_beir
 from .dataset import Document, DatasetError, RetrievalDataset, query_split_of
 from .encoders import Encoder, HashingEncoder
 from .env import RetrievalEnv
-from .index import CorpusIndex, IndexFileError
+from .evaluation import evaluate_agent
+from .index import CorpusIndex, IndexFileError, load_or_build_index
+from .ir_datasets_adapter import load_ir_datasets
+from .metrics import evaluate_run
+from .minilm import MiniLMEncoder
+from .synthetic import make_synthetic
 from .task import RetrievalTask
+from .trec_run import read_trec_run, write_trec_run
 from .vector_env import RetrievalVectorEnv
 
 ENV_ID = "SearchR3-v0"
@@ -36,10 +42,18 @@ __all__ = [
     "Encoder",
     "HashingEncoder",
     "IndexFileError",
+    "MiniLMEncoder",
     "RetrievalDataset",
     "RetrievalEnv",
     "RetrievalTask",
     "RetrievalVectorEnv",
+    "evaluate_agent",
+    "evaluate_run",
     "load_beir",
+    "load_ir_datasets",
+    "load_or_build_index",
+    "make_synthetic",
     "query_split_of",
+    "read_trec_run",
+    "write_trec_run",
 ]

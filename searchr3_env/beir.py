@@ -21,8 +21,8 @@ from .dataset import Document, DatasetError, RetrievalDataset
 log = logging.getLogger(__name__)
 
 
-def _read_jsonl(path: Path, what: str, required: tuple[str, ...]) -> dict[str, dict]:
-    """Records keyed by ``_id``; every record must carry the ``required`` string fields."""
+def _read_jsonl(path: Path, what: str, required: tuple[str, ...], optional: tuple[str, ...]) -> dict[str, dict]:
+    """Records keyed by ``_id``; ``required`` fields must be strings, ``optional`` ones strings if present."""
     if not path.is_file():
         raise DatasetError(f"{path}: {what} file not found")
     records: dict[str, dict] = {}
@@ -41,8 +41,10 @@ def _read_jsonl(path: Path, what: str, required: tuple[str, ...]) -> dict[str, d
             if not isinstance(doc_id, str) or not doc_id:
                 raise DatasetError(f"{path}:{lineno}: missing or non-string '_id'")
             for key in required:
-                value = record.get(key, "")
-                if not isinstance(value, str):
+                if key not in record:
+                    raise DatasetError(f"{path}:{lineno}: record {doc_id!r} has no {key!r} field")
+            for key in required + optional:
+                if not isinstance(record.get(key, ""), str):
                     raise DatasetError(f"{path}:{lineno}: field {key!r} of {doc_id!r} must be a string")
             if doc_id in records:
                 raise DatasetError(
@@ -98,8 +100,8 @@ def load_beir(
     directory = Path(directory)
     if not directory.is_dir():
         raise DatasetError(f"{directory}: not a directory")
-    docs = _read_jsonl(directory / "corpus.jsonl", "corpus", ("title", "text"))
-    queries = _read_jsonl(directory / "queries.jsonl", "query", ("text",))
+    docs = _read_jsonl(directory / "corpus.jsonl", "corpus", (), ("title", "text"))
+    queries = _read_jsonl(directory / "queries.jsonl", "query", ("text",), ())
     corpus = {d: Document(r.get("title", "") or "", r.get("text", "") or "") for d, r in docs.items()}
     qpath = directory / "qrels" / f"{qrels_file}.tsv"
     qrels: dict[str, dict[str, int]] = {}

@@ -44,6 +44,14 @@ def query_split_of(query_id: str, test_fraction: float = TEST_FRACTION) -> str:
     return "test" if unit < test_fraction else "train"
 
 
+def _hash_fields(h, *fields: str) -> None:
+    """Length-prefixed, so no choice of texts (newlines, tabs) can make two datasets hash alike."""
+    for field_ in fields:
+        data = field_.encode("utf-8")
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+
+
 @dataclass(frozen=True)
 class RetrievalDataset:
     """Corpus, queries and graded relevance judgements.
@@ -94,10 +102,7 @@ class RetrievalDataset:
         """sha256 over document ids, titles and texts in corpus order."""
         h = hashlib.sha256()
         for doc_id, doc in self.corpus.items():
-            for part in (doc_id, doc.title, doc.text):
-                data = part.encode("utf-8")
-                h.update(len(data).to_bytes(8, "little"))
-                h.update(data)
+            _hash_fields(h, doc_id, doc.title, doc.text)
         return h.hexdigest()
 
     @property
@@ -105,10 +110,10 @@ class RetrievalDataset:
         """sha256 over corpus, queries and qrels: names the whole collection's content."""
         h = hashlib.sha256(self.corpus_fingerprint.encode())
         for qid, text in sorted(self.queries.items()):
-            h.update(f"q\t{qid}\t{text}\n".encode("utf-8"))
+            _hash_fields(h, "q", qid, text)
         for qid in sorted(self.qrels):
             for doc_id, grade in sorted(self.qrels[qid].items()):
-                h.update(f"r\t{qid}\t{doc_id}\t{grade}\n".encode("utf-8"))
+                _hash_fields(h, "r", qid, doc_id, str(grade))
         return h.hexdigest()
 
     def split(self, name: str, test_fraction: float = TEST_FRACTION) -> "RetrievalDataset":

@@ -11,7 +11,8 @@ mutations. Both are what the env's refresh policies and ``info`` report.
 
 Ranks are pessimistic: rank(d) = number of documents scoring >= score(d), so a
 document tied with a relevant one counts as ranked above it and ties can never
-help an agent (a constant action ranks every relevant document last).
+help an agent (a constant action ranks every relevant document last). "Tied"
+includes float32 rounding: scores within ``TIE_RTOL * |q| * |d|`` of each other.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import io
 import json
 import logging
 import time
-import zipfile
 from pathlib import Path
 from typing import Sequence
 
@@ -35,6 +35,8 @@ from .encoders import Encoder, check_embeddings
 log = logging.getLogger(__name__)
 
 FORMAT = "searchr3-corpus-index/1"
+# Scores closer than this (relative to |q| |d|) count as ties in ranks(): ~16 float32 ulps.
+TIE_RTOL = 2e-6
 # Score blocks of at most this many floats are materialised at once in ranks().
 _BLOCK_FLOATS = 1 << 24
 
@@ -152,6 +154,9 @@ class CorpusIndex:
         embeddings = check_embeddings(embeddings, self.dim, "added embeddings")
         if len(doc_ids) != len(embeddings):
             raise ValueError(f"{len(doc_ids)} doc ids but {len(embeddings)} embedding rows")
+        if len(set(doc_ids)) != len(doc_ids):
+            dup = next(d for i, d in enumerate(doc_ids) if d in doc_ids[:i])
+            raise ValueError(f"doc id {dup!r} repeats within the added batch")
         for d in doc_ids:
             if d in self._pos:
                 raise ValueError(f"doc id {d!r} is already in the index; use update()")
@@ -208,29 +213,59 @@ class CorpusIndex:
             positions: (n, m) row positions per query (e.g. its relevant documents), -1 for padding.
         Returns:
             (n, m) int64: 1 + number of *other* rows scoring >= the row's score; 0 where padded.
+        """
+        return self.ranks_and_top_k(queries, positions, 0)[0]
 
-        One matrix product per block of queries, then a single pass that keeps
-        only the documents scoring at least the weakest given row; the per-row
-        counts are taken over those few candidates.
+    def ranks_and_top_k(
+        self, queries: np.ndarray, positions: np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ranks as in :meth:`ranks`, top-k scores, top-k positions) from one pass over the corpus.
+
+        One matrix product per block of queries gives every score; ranks are
+        counts over it (:func:`_count_at_least`). Top-k:
+        a partial sort of the same scores for the exact index (an approximate
+        factory answers top-k from its own structure, as :meth:`search` does).
         """
         queries = self._check_queries(queries)
         positions = np.asarray(positions, dtype=np.int64)
         if positions.ndim != 2 or len(positions) != len(queries):
             raise ValueError(f"positions: expected shape ({len(queries)}, m), got {positions.shape}")
+        k = min(k, len(self))
+        exact_top = self.factory == "Flat"
         valid = positions >= 0
-        out = np.zeros(positions.shape, dtype=np.int64)
+        ranks = np.zeros(positions.shape, dtype=np.int64)
+        top_scores = np.empty((len(queries), k if exact_top else 0), dtype=np.float32)
+        top_pos = np.empty((len(queries), k if exact_top else 0), dtype=np.int64)
         step = max(1, _BLOCK_FLOATS // len(self))
         emb_t = self._emb.T
         for start in range(0, len(queries), step):
             sl = slice(start, start + step)
             block = queries[sl] @ emb_t  # (b, n_docs)
             pos, ok = positions[sl], valid[sl]
-            thr = np.where(ok, np.take_along_axis(block, np.maximum(pos, 0), axis=1), np.inf)  # (b, m)
-            rows, cols = np.nonzero(block >= thr.min(axis=1, keepdims=True))
-            ge = block[rows, cols][:, None] >= thr[rows]  # (candidates, m)
-            counts = np.stack([np.bincount(rows, ge[:, j], minlength=len(block)) for j in range(pos.shape[1])], 1)
-            out[sl] = np.where(ok, counts, 0)
-        return out
+            if pos.shape[1]:
+                ranks[sl] = np.where(ok, _count_at_least(block, self._tie_thresholds(queries[sl], block, pos)), 0)
+            if exact_top and k:
+                part = np.argpartition(block, len(self) - k, axis=1)[:, -k:]  # (b, k) unordered
+                part_scores = np.take_along_axis(block, part, axis=1)
+                order = np.argsort(-part_scores, axis=1, kind="stable")
+                top_pos[sl] = np.take_along_axis(part, order, axis=1)
+                top_scores[sl] = np.take_along_axis(part_scores, order, axis=1)
+        if not exact_top and k:
+            top_scores, top_pos = self.search(queries, k)
+        return ranks, top_scores, top_pos
+
+    def _tie_thresholds(self, queries: np.ndarray, block: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """Scores of the given rows lowered by the float32 rounding margin (inf where padded).
+
+        A float32 matrix product may round two identical documents differently
+        depending on where they sit in the matrix; anything within
+        ``TIE_RTOL * |q| * |d|`` of a given row's score counts as tied, and so
+        as ranked above it.
+        """
+        safe = np.maximum(pos, 0)
+        scores = np.take_along_axis(block, safe, axis=1)  # (b, m)
+        margin = TIE_RTOL * np.linalg.norm(queries, axis=1)[:, None] * np.linalg.norm(self._emb[safe], axis=2)
+        return np.where(pos >= 0, scores - margin, np.inf)
 
     # ------------------------------------------------------------------ persistence
     def manifest(self) -> dict:
@@ -251,9 +286,14 @@ class CorpusIndex:
         return {"doc_ids": np.array(self.doc_ids, dtype=str), "embeddings": self._emb, "versions": self._versions}
 
     def save(self, path: str | Path) -> Path:
-        """Write the index to one file atomically: a crash leaves the previous file intact."""
+        """Write the index to one file atomically: a crash leaves the previous file intact.
+
+        The checksum covers the arrays *and* every manifest field, so an edited
+        fingerprint or dim is caught as surely as a flipped embedding byte.
+        """
         arrays = self._arrays()
-        manifest = self.manifest() | {"sha256": _checksum(arrays)}
+        manifest = self.manifest()
+        manifest["sha256"] = _checksum(arrays, manifest)
         buf = io.BytesIO()
         np.savez(buf, manifest=np.frombuffer(json.dumps(manifest).encode(), dtype=np.uint8), **arrays)
         with atomic_write(path) as f:
@@ -269,22 +309,22 @@ class CorpusIndex:
         if not path.is_file():
             raise IndexFileError(f"{path}: no such index file")
         try:
-            with np.load(path, allow_pickle=False) as z:
-                manifest = json.loads(bytes(z["manifest"]).decode())
-                arrays = {name: z[name] for name in ("doc_ids", "embeddings", "versions")}
-        except (zipfile.BadZipFile, KeyError, ValueError, EOFError, OSError) as err:
-            raise IndexFileError(f"{path}: unreadable or truncated index file ({err})") from None
-        if manifest.get("format") != FORMAT:
-            raise IndexFileError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
-        if _checksum(arrays) != manifest.get("sha256"):
+            manifest, arrays = _read_index_file(path)
+        except Exception as err:  # numpy, zipfile and json raise many types for a damaged file
+            raise IndexFileError(f"{path}: unreadable or truncated index file ({type(err).__name__}: {err})") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+            raise IndexFileError(f"{path}: format {found!r}, expected a {FORMAT} file")
+        if _checksum(arrays, manifest) != manifest.get("sha256"):
             raise IndexFileError(f"{path}: checksum mismatch, the file was modified or corrupted")
         if corpus_fingerprint is not None and manifest["corpus_fingerprint"] != corpus_fingerprint:
             raise IndexFileError(
                 f"{path}: built for corpus {manifest['corpus_fingerprint']!r:.20}, not this dataset's "
                 f"{corpus_fingerprint!r:.20}"
             )
-        if dim is not None and manifest["dim"] != dim:
-            raise IndexFileError(f"{path}: embeddings have dim {manifest['dim']}, expected {dim}")
+        stored_dim = arrays["embeddings"].shape[1] if arrays["embeddings"].ndim == 2 else None
+        if dim is not None and stored_dim != dim:
+            raise IndexFileError(f"{path}: embeddings have dim {stored_dim}, expected {dim}")
         index = cls(
             arrays["doc_ids"].tolist(),
             arrays["embeddings"],
@@ -317,13 +357,41 @@ def encode_in_batches(encoder: Encoder, texts: Sequence[str], batch_size: int, p
     return out
 
 
-def _checksum(arrays: dict[str, np.ndarray]) -> str:
-    h = hashlib.sha256()
+def _read_index_file(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    with np.load(path, allow_pickle=False) as z:
+        manifest = json.loads(bytes(z["manifest"]).decode())
+        return manifest, {name: z[name] for name in ("doc_ids", "embeddings", "versions")}
+
+
+def _checksum(arrays: dict[str, np.ndarray], manifest: dict) -> str:
+    """sha256 over the manifest (all but its own checksum) and every array's dtype, shape and bytes."""
+    fields = {k: v for k, v in manifest.items() if k != "sha256"}
+    h = hashlib.sha256(json.dumps(fields, sort_keys=True).encode())
     for name in sorted(arrays):
         a = np.ascontiguousarray(arrays[name])
         h.update(f"{name}:{a.dtype.str}:{a.shape}".encode())
         h.update(a.tobytes())
     return h.hexdigest()
+
+
+def _count_at_least(block: np.ndarray, thr: np.ndarray) -> np.ndarray:
+    """counts[i, j] = number of entries of block[i] >= thr[i, j]; thr is inf where padded.
+
+    A trained agent scores its relevant documents near the top, so one
+    comparison against each row's weakest threshold leaves few candidates, and
+    the per-threshold counts are taken over those alone (flat indices: numpy's
+    1-D nonzero is an order of magnitude faster than the 2-D one). When most of
+    the block are candidates (an untrained agent), one counting pass per
+    threshold is cheaper.
+    """
+    n_rows, n_cols = block.shape
+    mask = block >= thr.min(axis=1, keepdims=True)
+    flat = np.flatnonzero(mask)
+    if len(flat) * thr.shape[1] > block.size:
+        return np.stack([np.count_nonzero(block >= thr[:, j : j + 1], axis=1) for j in range(thr.shape[1])], 1)
+    rows = flat // n_cols
+    ge = block.ravel()[flat][:, None] >= thr[rows]  # (candidates, m)
+    return np.stack([np.bincount(rows, ge[:, j], minlength=n_rows) for j in range(thr.shape[1])], 1).astype(np.int64)
 
 
 def load_or_build_index(dataset, encoder: Encoder, cache_dir: str | Path, *, progress: bool = True) -> CorpusIndex:

@@ -148,9 +148,8 @@ class RetrievalTask:
         """Rank the relevant documents of each query against the index: one matrix product."""
         rows = np.array([self._qpos[q] for q in query_ids])
         positions, grades = self.rel_positions[rows], self.rel_grades[rows]
-        ranks = self.index.ranks(embeddings, positions)
+        ranks, top_scores, top_positions = self.index.ranks_and_top_k(embeddings, positions, self.top_k)
         padded = np.where(grades > 0, ranks, np.inf)  # the metrics' padding convention
-        top_scores, top_positions = self.index.search(embeddings, self.top_k)
         return BatchScore(
             rewards=np.asarray(self.reward_fn(padded, grades), dtype=np.float64),
             ranks=ranks,

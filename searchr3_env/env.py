@@ -48,9 +48,11 @@ class RetrievalEnv(gym.Env):
 
     ## Episode End
     The episode terminates after one step. ``info`` then holds ``query_id``,
-    ``relevant_ids`` with their ``ranks`` and ``grades``, ``top_k_ids``,
-    ``ndcg@10``, ``index_version`` and ``encoder_version``. Stepping again
-    without ``reset`` raises ``RuntimeError``.
+    ``relevant_ids`` with their ``ranks`` and ``grades``, ``top_k_ids`` and
+    ``top_k_scores``, ``ndcg@10``, and what keeping the index fresh cost:
+    ``docs_reencoded``, ``encoder_version``, ``oldest_row_version`` (stalest row
+    among the top-k and relevant documents), ``index_version`` and
+    ``snapshot_id``. Stepping again without ``reset`` raises ``RuntimeError``.
 
     ## Arguments
     - ``dataset``: a ``RetrievalDataset``, a BEIR folder path, or ``"synthetic"``
@@ -63,6 +65,11 @@ class RetrievalEnv(gym.Env):
     - ``split``: ``"train"`` (default), ``"test"`` or ``"all"``: the deterministic
       query split by hashed query id.
     - ``top_k``: how many top document ids ``info`` reports (default 10).
+    - ``refresh``: how stale document rows are re-encoded when the document
+      encoder's ``version`` grows: ``"local"`` (default, ``LocalRefresh()``),
+      ``"full"``, ``"frozen"``, or a policy object from ``searchr3_env.refresh``.
+      With an encoder whose weights never change (the default) nothing is ever
+      re-encoded.
     - ``render_mode``: ``None`` or ``"ansi"`` (a text summary of the last step).
 
     ## Version History
@@ -79,13 +86,14 @@ class RetrievalEnv(gym.Env):
         reward: str | RewardFn = "ndcg",
         split: str = "train",
         top_k: int = 10,
+        refresh="local",
         render_mode: str | None = None,
         task: RetrievalTask | None = None,
     ):
         if render_mode not in (None, "ansi"):
             raise ValueError(f"render_mode must be None or 'ansi', got {render_mode!r}")
         self.render_mode = render_mode
-        self.task = task or RetrievalTask(dataset, encoder, index, reward, split, top_k)
+        self.task = task or RetrievalTask(dataset, encoder, index, reward, split, top_k, refresh)
         self.observation_space = self.task.observation_space
         self.action_space = self.task.action_space
         self._query_id: str | None = None

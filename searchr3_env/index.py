@@ -79,6 +79,7 @@ class CorpusIndex:
         self.index_version = 0
         self._ann: faiss.Index | None = None  # built on first search for non-flat factories
         self._ann_rows = 0
+        self._oldest: int | None = None
         if factory != "Flat":
             faiss.index_factory(self.dim, factory, faiss.METRIC_INNER_PRODUCT)  # fail early on a bad string
 
@@ -132,6 +133,13 @@ class CorpusIndex:
         except KeyError as err:
             raise KeyError(f"unknown doc id {err.args[0]!r}") from None
 
+    @property
+    def oldest_version(self) -> int:
+        """The encoder version of the stalest row (cached: refresh policies ask every step)."""
+        if self._oldest is None:
+            self._oldest = int(self._versions.min())
+        return self._oldest
+
     def stale_rows(self, version: int) -> np.ndarray:
         """Positions of rows written by an encoder version older than ``version``."""
         return np.flatnonzero(self._versions < version)
@@ -170,6 +178,7 @@ class CorpusIndex:
 
     def _mutated(self) -> None:
         self.index_version += 1
+        self._oldest = None
         if self._ann is not None:
             self._ann.reset()  # keeps trained quantizers; rows are re-added on the next search
             self._ann_rows = 0
@@ -236,11 +245,7 @@ class CorpusIndex:
         ranks = np.zeros(positions.shape, dtype=np.int64)
         top_scores = np.empty((len(queries), k if exact_top else 0), dtype=np.float32)
         top_pos = np.empty((len(queries), k if exact_top else 0), dtype=np.int64)
-        step = max(1, _BLOCK_FLOATS // len(self))
-        emb_t = self._emb.T
-        for start in range(0, len(queries), step):
-            sl = slice(start, start + step)
-            block = queries[sl] @ emb_t  # (b, n_docs)
+        for sl, block in self._score_blocks(queries):
             pos, ok = positions[sl], valid[sl]
             if pos.shape[1]:
                 ranks[sl] = np.where(ok, _count_at_least(block, self._tie_thresholds(queries[sl], block, pos)), 0)
@@ -253,6 +258,30 @@ class CorpusIndex:
         if not exact_top and k:
             top_scores, top_pos = self.search(queries, k)
         return ranks, top_scores, top_pos
+
+    def rows_at_least(self, queries: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Unique rows scoring at least as high as (or tied with) the weakest given row of some query.
+
+        These are the rows that decide the given rows' ranks; refresh policies
+        keep them from going too stale.
+        """
+        queries = self._check_queries(queries)
+        positions = np.asarray(positions, dtype=np.int64)
+        found = [np.empty(0, dtype=np.int64)]
+        for sl, block in self._score_blocks(queries):
+            pos = positions[sl]
+            if pos.shape[1]:
+                thr = self._tie_thresholds(queries[sl], block, pos).min(axis=1, keepdims=True)
+                found.append(np.unique(np.flatnonzero(block >= thr) % len(self)))
+        return np.unique(np.concatenate(found))
+
+    def _score_blocks(self, queries: np.ndarray):
+        """(query slice, (b, n_docs) scores) in blocks of at most _BLOCK_FLOATS floats."""
+        step = max(1, _BLOCK_FLOATS // len(self))
+        emb_t = self._emb.T
+        for start in range(0, len(queries), step):
+            sl = slice(start, start + step)
+            yield sl, queries[sl] @ emb_t
 
     def _tie_thresholds(self, queries: np.ndarray, block: np.ndarray, pos: np.ndarray) -> np.ndarray:
         """Scores of the given rows lowered by the float32 rounding margin (inf where padded).

@@ -35,7 +35,11 @@ class MiniLMEncoder:
 
     def _encode(self, texts: Sequence[str]) -> np.ndarray:
         out = self.model.encode(
-            list(texts), batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True
+            list(texts),
+            batch_size=self.batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=False,  # callers show their own bar over the whole corpus
         )
         return check_embeddings(out, self.dim, "minilm embeddings")
 

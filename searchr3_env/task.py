@@ -1,14 +1,16 @@
 """What the single and the vector env share: the collection, the index and how a batch is scored.
 
 ``RetrievalTask`` resolves the env's keyword arguments (dataset object or path,
-document encoder, index object or path, reward, split) once, and scores a batch
-of (query id, embedding) pairs with one matrix product. ``RetrievalEnv`` and
+document encoder, index object or path, reward, split, refresh policy) once,
+and scores a batch of (query id, embedding) pairs: the refresh policy first
+re-encodes whatever stale rows it must, then one matrix product ranks. ``RetrievalEnv`` and
 ``RetrievalVectorEnv`` are thin Gymnasium shells around it, so both give the
 same rewards for the same actions.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,10 @@ from .dataset import RetrievalDataset
 from .encoders import Encoder, HashingEncoder
 from .index import CorpusIndex
 from .metrics import ndcg
+from .refresh import RefreshReport, get_policy
 from .rewards import RewardFn, get_reward
+
+log = logging.getLogger(__name__)
 
 DatasetLike = RetrievalDataset | str | Path | None
 IndexLike = CorpusIndex | str | Path | None
@@ -52,6 +57,8 @@ class BatchScore:
     top_positions: np.ndarray  # (n, top_k) index rows, best first
     top_scores: np.ndarray  # (n, top_k)
     ndcg10: np.ndarray  # (n,)
+    refresh: RefreshReport  # documents re-encoded for this batch, snapshot scored against
+    oldest_row_version: np.ndarray  # (n,) stalest row among each query's top-k and relevant docs
 
 
 class RetrievalTask:
@@ -65,12 +72,15 @@ class RetrievalTask:
         reward: str | RewardFn = "ndcg",
         split: str = "train",
         top_k: int = 10,
+        refresh="local",
         progress: bool = False,
     ):
         full = resolve_dataset(dataset)
         self.dataset = full.split(split)
         self.encoder = encoder if encoder is not None else default_document_encoder(full)
         self.index = self._resolve_index(index, full, progress)
+        self.doc_texts = full.document_texts(self.index.doc_ids)  # aligned with index rows, for refreshes
+        self.refresh = get_policy(refresh)
         self.reward_name, self.reward_fn = get_reward(reward)
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
@@ -107,6 +117,12 @@ class RetrievalTask:
             )
         if index.corpus_fingerprint not in (None, dataset.corpus_fingerprint):
             raise ValueError("index was built for another corpus (fingerprint mismatch)")
+        stale = len(index.stale_rows(self.encoder.version))
+        if stale:
+            log.warning(
+                "index is stale: %d of %d rows were written before encoder version %d; the refresh policy "
+                "decides which are re-encoded", stale, len(index), self.encoder.version,
+            )
         return index
 
     @property
@@ -148,8 +164,11 @@ class RetrievalTask:
         """Rank the relevant documents of each query against the index: one matrix product."""
         rows = np.array([self._qpos[q] for q in query_ids])
         positions, grades = self.rel_positions[rows], self.rel_grades[rows]
+        refresh = self.refresh.prepare(self, positions, embeddings)
         ranks, top_scores, top_positions = self.index.ranks_and_top_k(embeddings, positions, self.top_k)
         padded = np.where(grades > 0, ranks, np.inf)  # the metrics' padding convention
+        touched = np.concatenate([positions, top_positions], axis=1)
+        versions = np.where(touched >= 0, self.index.versions[np.maximum(touched, 0)], np.iinfo(np.int64).max)
         return BatchScore(
             rewards=np.asarray(self.reward_fn(padded, grades), dtype=np.float64),
             ranks=ranks,
@@ -157,6 +176,8 @@ class RetrievalTask:
             top_positions=top_positions,
             top_scores=top_scores,
             ndcg10=ndcg(padded, grades, k=10),
+            refresh=refresh,
+            oldest_row_version=versions.min(axis=1),
         )
 
     def info_row(self, query_id: str, scored: BatchScore, i: int) -> dict[str, Any]:
@@ -177,5 +198,8 @@ class RetrievalTask:
             "ndcg@10": float(scored.ndcg10[i]),
             "index_version": self.index.index_version,
             "encoder_version": self.encoder.version,
+            "oldest_row_version": int(scored.oldest_row_version[i]),
+            "docs_reencoded": scored.refresh.docs_reencoded,  # for the whole batch this query was scored in
+            "snapshot_id": scored.refresh.snapshot_id,
         }
 

@@ -41,6 +41,7 @@ class RetrievalVectorEnv(VectorEnv):
         reward: str | RewardFn = "ndcg",
         split: str = "train",
         top_k: int = 10,
+        refresh="local",
         task: RetrievalTask | None = None,
         **unused: Any,
     ):
@@ -52,7 +53,7 @@ class RetrievalVectorEnv(VectorEnv):
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
         self.num_envs = num_envs
-        self.task = task or RetrievalTask(dataset, encoder, index, reward, split, top_k)
+        self.task = task or RetrievalTask(dataset, encoder, index, reward, split, top_k, refresh)
         self.single_observation_space = self.task.observation_space
         self.single_action_space = self.task.action_space
         self.observation_space = batch_space(self.single_observation_space, num_envs)

@@ -15,14 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from .encoders import Encoder, check_embeddings
-
-
-def _import_ray():
-    try:
-        import ray
-    except ImportError:
-        raise ImportError("RayCorpusEncoder needs the 'ray' extra: pip install 'searchr3[ray]'") from None
-    return ray
+from .extras import import_extra
 
 
 def _encode_shard(encoder: Encoder, texts: list[str]) -> np.ndarray:
@@ -46,7 +39,7 @@ class RayCorpusEncoder:
         self.num_gpus = num_gpus
 
     def __call__(self, encoder: Encoder, texts: Sequence[str]) -> np.ndarray:
-        ray = _import_ray()
+        ray = import_extra("ray", "ray", "RayCorpusEncoder")
         if not ray.is_initialized():
             ray.init()  # local by default; set RAY_ADDRESS to join a cluster
         task = ray.remote(num_cpus=self.num_cpus, num_gpus=self.num_gpus)(_encode_shard)

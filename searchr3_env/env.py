@@ -5,11 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import gymnasium as gym
-import numpy as np
 
-from .encoders import Encoder
-from .rewards import RewardFn
-from .task import DatasetLike, IndexLike, RetrievalTask
+from .task import RetrievalTask
 
 
 class RetrievalEnv(gym.Env):
@@ -78,22 +75,12 @@ class RetrievalEnv(gym.Env):
 
     metadata = {"render_modes": ["ansi"], "render_fps": 1}
 
-    def __init__(
-        self,
-        dataset: DatasetLike = None,
-        encoder: Encoder | None = None,
-        index: IndexLike = None,
-        reward: str | RewardFn = "ndcg",
-        split: str = "train",
-        top_k: int = 10,
-        refresh="local",
-        render_mode: str | None = None,
-        task: RetrievalTask | None = None,
-    ):
+    def __init__(self, render_mode: str | None = None, task: RetrievalTask | None = None, **task_kwargs: Any):
+        """``task_kwargs`` are ``RetrievalTask``'s (see Arguments); ``task`` shares an existing one."""
         if render_mode not in (None, "ansi"):
             raise ValueError(f"render_mode must be None or 'ansi', got {render_mode!r}")
         self.render_mode = render_mode
-        self.task = task or RetrievalTask(dataset, encoder, index, reward, split, top_k, refresh)
+        self.task = task or RetrievalTask(**task_kwargs)
         self.observation_space = self.task.observation_space
         self.action_space = self.task.action_space
         self._query_id: str | None = None

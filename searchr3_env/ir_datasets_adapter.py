@@ -8,16 +8,7 @@ fields are used where present (else ``default_text()``); queries likewise.
 from __future__ import annotations
 
 from .dataset import Document, DatasetError, RetrievalDataset
-
-
-def _import_ir_datasets():
-    try:
-        import ir_datasets
-    except ImportError:
-        raise ImportError(
-            "load_ir_datasets needs the 'irds' extra: pip install 'searchr3[irds]' (package ir-datasets)"
-        ) from None
-    return ir_datasets
+from .extras import import_extra
 
 
 def _text(record, field: str) -> str:
@@ -29,7 +20,7 @@ def _text(record, field: str) -> str:
 
 def load_ir_datasets(dataset_id: str, split: str = "all", name: str | None = None) -> RetrievalDataset:
     """Load an ir_datasets collection; qrels naming unknown queries or documents are refused."""
-    irds = _import_ir_datasets().load(dataset_id)
+    irds = import_extra("ir_datasets", "irds", "load_ir_datasets").load(dataset_id)
     for part in ("docs", "queries", "qrels"):
         if not getattr(irds, f"has_{part}")():
             raise DatasetError(f"ir_datasets {dataset_id!r} has no {part}")

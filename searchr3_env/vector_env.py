@@ -18,9 +18,7 @@ import numpy as np
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from .encoders import Encoder
-from .rewards import RewardFn
-from .task import DatasetLike, IndexLike, RetrievalTask
+from .task import RetrievalTask
 
 
 class RetrievalVectorEnv(VectorEnv):
@@ -32,28 +30,15 @@ class RetrievalVectorEnv(VectorEnv):
 
     metadata = {"autoreset_mode": AutoresetMode.SAME_STEP, "render_modes": []}
 
-    def __init__(
-        self,
-        num_envs: int = 1,
-        dataset: DatasetLike = None,
-        encoder: Encoder | None = None,
-        index: IndexLike = None,
-        reward: str | RewardFn = "ndcg",
-        split: str = "train",
-        top_k: int = 10,
-        refresh="local",
-        task: RetrievalTask | None = None,
-        **unused: Any,
-    ):
-        if unused.pop("render_mode", None) is not None:
+    def __init__(self, num_envs: int = 1, task: RetrievalTask | None = None, **task_kwargs: Any):
+        """``task_kwargs`` are ``RetrievalTask``'s (as for ``RetrievalEnv``); ``task`` shares an existing one."""
+        if task_kwargs.pop("render_mode", None) is not None:
             raise ValueError("RetrievalVectorEnv does not render")
-        unused.pop("max_episode_steps", None)  # passed by make_vec; episodes are one step anyway
-        if unused:
-            raise TypeError(f"unexpected arguments {sorted(unused)}")
+        task_kwargs.pop("max_episode_steps", None)  # passed by make_vec; episodes are one step anyway
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
         self.num_envs = num_envs
-        self.task = task or RetrievalTask(dataset, encoder, index, reward, split, top_k, refresh)
+        self.task = task or RetrievalTask(**task_kwargs)
         self.single_observation_space = self.task.observation_space
         self.single_action_space = self.task.action_space
         self.observation_space = batch_space(self.single_observation_space, num_envs)

@@ -3,8 +3,9 @@
 The index keeps the float32 embedding matrix itself (the truth used for exact
 ranks and for saving) and a FAISS index for ``search``: exact inner product by
 default (``faiss.knn`` over the matrix, so updates are free), or any
-``faiss.index_factory`` string (IVF, HNSW, PQ ...), which is rebuilt lazily after
-rows change since not every FAISS structure can update rows in place.
+``faiss.index_factory`` string (IVF, HNSW, PQ ...): IVF structures replace
+changed rows in place, others (HNSW cannot forget a vector) are rebuilt lazily
+on the next search. ``gpu=True`` searches with faiss-gpu (top-k <= 2048 there).
 
 Every row remembers the encoder version that wrote it; ``index_version`` counts
 mutations. Both are what the env's refresh policies and ``info`` report.
@@ -57,6 +58,7 @@ class CorpusIndex:
         factory: str = "Flat",
         encoder_name: str = "unknown",
         corpus_fingerprint: str | None = None,
+        gpu: bool = False,
     ):
         ids = [str(d) for d in doc_ids]
         if not ids:
@@ -78,7 +80,11 @@ class CorpusIndex:
         self.corpus_fingerprint = corpus_fingerprint
         self.index_version = 0
         self._ann: faiss.Index | None = None  # built on first search for non-flat factories
-        self._ann_rows = 0
+        self._ann_synced = False  # whether _ann holds exactly the current rows
+        self.gpu = gpu
+        if gpu and (not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0):
+            raise RuntimeError("gpu=True needs faiss-gpu and a visible GPU (pip install 'searchr3[gpu]')")
+        self._gpu_res = faiss.StandardGpuResources() if gpu else None
         self._oldest: int | None = None
         if factory != "Flat":
             faiss.index_factory(self.dim, factory, faiss.METRIC_INNER_PRODUCT)  # fail early on a bad string
@@ -155,7 +161,7 @@ class CorpusIndex:
             raise IndexError(f"positions must lie in [0, {len(self)}), got {positions.min()}..{positions.max()}")
         self._emb[positions] = embeddings
         self._versions[positions] = version
-        self._mutated()
+        self._mutated(positions)
 
     def add(self, doc_ids: Sequence[str], embeddings: np.ndarray, version: int) -> None:
         """Append new documents."""
@@ -174,14 +180,25 @@ class CorpusIndex:
         self.doc_ids = self.doc_ids + [str(d) for d in doc_ids]
         self._emb = np.concatenate([self._emb, embeddings])
         self._versions = np.concatenate([self._versions, np.full(len(doc_ids), version, dtype=np.int64)])
-        self._mutated()
+        self._mutated(np.arange(start, len(self)), added=True)
 
-    def _mutated(self) -> None:
+    def _mutated(self, rows: np.ndarray, added: bool = False) -> None:
+        """Bump the index version and bring an approximate structure up to date.
+
+        Structures that can remove ids (IVF) get the changed rows replaced in
+        place; others (HNSW) are rebuilt on the next search, since they cannot
+        forget a vector.
+        """
         self.index_version += 1
         self._oldest = None
-        if self._ann is not None:
-            self._ann.reset()  # keeps trained quantizers; rows are re-added on the next search
-            self._ann_rows = 0
+        if self._ann is None or not self._ann_synced:
+            return
+        try:
+            if not added:
+                self._ann.remove_ids(rows)
+            self._ann.add_with_ids(self._emb[rows], rows)
+        except RuntimeError:
+            self._ann_synced = False
 
     # ------------------------------------------------------------------ queries
     def _check_queries(self, queries: np.ndarray) -> np.ndarray:
@@ -194,16 +211,21 @@ class CorpusIndex:
         """Top-k (scores, positions) per query, best first; positions are -1 where fewer than k exist."""
         queries = self._check_queries(queries)
         k = min(k, len(self))
+        if self.gpu and k > 2048:
+            raise ValueError(f"FAISS on GPU returns at most 2048 neighbours per query, asked for {k}")
         if self.factory == "Flat":
+            if self.gpu:
+                return faiss.knn_gpu(self._gpu_res, queries, self._emb, k, metric=faiss.METRIC_INNER_PRODUCT)
             return faiss.knn(queries, self._emb, k, metric=faiss.METRIC_INNER_PRODUCT)
         if self._ann is None:
             self._ann = faiss.index_factory(self.dim, self.factory, faiss.METRIC_INNER_PRODUCT)
-            self._ann_rows = 0
-        if not self._ann.is_trained:
             self._ann.train(self._emb)
-        if self._ann_rows != len(self):
-            self._ann.add(self._emb)
-            self._ann_rows = len(self)
+            if self.gpu:
+                self._ann = faiss.index_cpu_to_gpu(self._gpu_res, 0, self._ann)
+        if not self._ann_synced:
+            self._ann.reset()  # keeps the trained quantizer
+            self._ann.add(self._emb)  # ids are row positions
+            self._ann_synced = True
         return self._ann.search(queries, k)
 
     def scores(self, queries: np.ndarray, positions: np.ndarray) -> np.ndarray:

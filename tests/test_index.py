@@ -18,6 +18,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 
@@ -766,3 +767,18 @@ def test_sigkill_during_save_leaves_the_previous_complete_index(tmp_path):
         except IndexFileError:
             partial += 1
     assert partial >= 1
+
+
+def test_ivf_replaces_updated_rows_in_place_and_gpu_needs_a_gpu():
+    rng = np.random.default_rng(21)
+    emb = unit(rng, 400, 16)
+    index = CorpusIndex(ids(400), emb, factory="IVF4,Flat")
+    index.search(emb[:1], 5)  # builds and syncs the IVF structure
+    target = unit(rng, 1, 16)
+    index.update([123], target, version=1)
+    assert index._ann_synced  # replaced in place, no rebuild pending
+    _, top = index.search(target, 1)
+    assert top[0, 0] == 123
+    if faiss.get_num_gpus() == 0:
+        with pytest.raises(RuntimeError, match="faiss-gpu"):
+            CorpusIndex(ids(3), unit(rng, 3, 4), gpu=True)

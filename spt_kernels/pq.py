@@ -1,0 +1,111 @@
+"""Product quantisation of attention queries and keys.
+
+The head dim is split into subspaces of `subspace_dim` dims; each subspace has its own small codebook, shared by
+the queries and keys of all heads of one layer. A vector's code is, per subspace, the index of its nearest codeword,
+so two vectors with many equal codes lie close in many subspaces: the number of matching codes between a query and
+a key is SPT's cheap proxy for a large attention weight.
+
+The codebooks are trained during fine-tuning by an exponential-moving-average k-means step (as in VQ-VAE), which
+needs no gradient and so works unchanged when LoRA freezes every parameter of the base model.
+"""
+
+import torch
+from torch import nn
+
+from .dispatch import FLOAT_DTYPES, check_dtype, use_triton
+
+_ENCODE_CHUNK_ROWS = 2048  # rows per chunk of the reference encoder: bounds its (rows, M, C, d) temporary
+
+
+def pq_encode(x: torch.Tensor, codebook: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Codes of `x` (..., D) under `codebook` (M, C, d) with M * d = D: uint8 (..., M), nearest codeword per subspace.
+
+    Distances are sums of squared differences (not the expanded |x|^2 - 2x.c + |c|^2) so both backends round alike;
+    ties go to the lowest codeword index.
+    """
+    if codebook.dim() != 3:
+        raise ValueError(f"codebook must be (M, C, d), got shape {tuple(codebook.shape)}")
+    n_sub, n_codes, sub_dim = codebook.shape
+    if x.shape[-1] != n_sub * sub_dim:
+        raise ValueError(f"x last dim {x.shape[-1]} != M * d = {n_sub} * {sub_dim} of codebook {tuple(codebook.shape)}")
+    if n_codes > 256:
+        raise ValueError(f"at most 256 codewords fit a uint8 code, got {n_codes}")
+    check_dtype("x", x, FLOAT_DTYPES)
+    rows = x.reshape(-1, x.shape[-1])
+    if use_triton(backend, x, codebook):
+        from .triton_pq import pq_encode_triton
+
+        codes = pq_encode_triton(rows, codebook)
+    else:
+        codes = _pq_encode_reference(rows, codebook)
+    return codes.view(*x.shape[:-1], n_sub)
+
+
+def _pq_encode_reference(rows: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    n_sub, _, sub_dim = codebook.shape
+    codebook = codebook.float()
+    codes = torch.empty(rows.shape[0], n_sub, dtype=torch.uint8, device=rows.device)
+    for start in range(0, rows.shape[0], _ENCODE_CHUNK_ROWS):
+        chunk = rows[start : start + _ENCODE_CHUNK_ROWS].float().view(-1, n_sub, 1, sub_dim)  # (r, M, 1, d)
+        dist = ((chunk - codebook) ** 2).sum(-1)  # (r, M, C)
+        codes[start : start + _ENCODE_CHUNK_ROWS] = dist.argmin(-1).to(torch.uint8)
+    return codes
+
+
+class ProductQuantizer(nn.Module):
+    """One layer's PQ codebooks (M subspaces x C codewords x d dims) and their EMA k-means statistics.
+
+    The codebook starts from data: the first vectors it sees (evenly spaced rows) become the codewords, so codes are
+    meaningful from the first step. In training mode `update` moves each codeword towards the mean of the vectors
+    assigned to it; with decay 0 that is exactly one Lloyd (k-means) iteration.
+    """
+
+    def __init__(self, head_dim: int, subspace_dim: int = 8, codewords: int = 16, decay: float = 0.99):
+        super().__init__()
+        if head_dim % subspace_dim:
+            raise ValueError(f"head_dim {head_dim} is not divisible by pq subspace_dim {subspace_dim}")
+        n_sub = head_dim // subspace_dim
+        self.decay = decay
+        self.register_buffer("codebook", torch.zeros(n_sub, codewords, subspace_dim))
+        self.register_buffer("ema_count", torch.zeros(n_sub, codewords))
+        self.register_buffer("ema_sum", torch.zeros(n_sub, codewords, subspace_dim))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    def encode(self, x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+        """uint8 codes (..., M) of x (..., D); the codebook is initialised from x if it has seen no data yet."""
+        if not self.initialized:
+            self._init_from(x.detach().reshape(-1, x.shape[-1]))
+        return pq_encode(x.detach(), self.codebook.float(), backend)
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, backend: str = "auto") -> None:
+        """One EMA k-means step with the vectors x (..., D)."""
+        rows = x.detach().reshape(-1, x.shape[-1]).float()
+        if not self.initialized:
+            self._init_from(rows)
+        n_sub, n_codes, sub_dim = self.codebook.shape
+        codes = pq_encode(rows, self.codebook.float(), backend).long()  # (N, M)
+        slot = (codes + torch.arange(n_sub, device=codes.device) * n_codes).view(-1)  # (N*M,) flat (m, c) index
+        ones = torch.ones(slot.shape, device=rows.device)
+        count = torch.zeros(n_sub * n_codes, device=rows.device).index_add_(0, slot, ones)
+        total = torch.zeros(n_sub * n_codes, sub_dim, device=rows.device).index_add_(0, slot, rows.view(-1, sub_dim))
+        ema_count = self.decay * self.ema_count.float() + (1 - self.decay) * count.view(n_sub, n_codes)
+        ema_sum = self.decay * self.ema_sum.float() + (1 - self.decay) * total.view(n_sub, n_codes, sub_dim)
+        # A codeword that never gets vectors keeps its place: its sum and count decay together.
+        used = ema_count > 1e-6
+        codebook = torch.where(used[..., None], ema_sum / ema_count.clamp_min(1e-6)[..., None], self.codebook.float())
+        self.ema_count.copy_(ema_count)
+        self.ema_sum.copy_(ema_sum)
+        self.codebook.copy_(codebook)
+
+    @torch.no_grad()
+    def _init_from(self, rows: torch.Tensor) -> None:
+        n_sub, n_codes, sub_dim = self.codebook.shape
+        if rows.shape[-1] != n_sub * sub_dim:
+            raise ValueError(f"vectors have dim {rows.shape[-1]}, the codebook expects {n_sub * sub_dim}")
+        pick = torch.linspace(0, rows.shape[0] - 1, n_codes, device=rows.device).round().long()
+        init = rows[pick].float().view(n_codes, n_sub, sub_dim).transpose(0, 1)  # (M, C, d)
+        self.codebook.copy_(init)
+        self.ema_sum.copy_(init)
+        self.ema_count.fill_(1.0)
+        self.initialized.fill_(True)

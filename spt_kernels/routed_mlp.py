@@ -1,0 +1,83 @@
+"""RoutedMLP: a drop-in replacement for a Llama-family gated MLP (Llama, Qwen2, SmolLM2) that runs the routed FFN."""
+
+import torch
+from torch import nn
+
+from .routed_ffn import route_tokens, routed_ffn
+
+
+def effective_weight(linear: nn.Module) -> torch.Tensor:
+    """The weight a Linear applies, including active LoRA adapters when peft has wrapped it.
+
+    The routed FFN multiplies block slices of the weight, so a LoRA adapter on an MLP projection is folded in as
+    W + scale * B @ A (differentiable in A and B). LoRA dropout cannot be folded in, so it is refused.
+    """
+    base = getattr(linear, "base_layer", None)
+    if base is None:
+        return linear.weight
+    weight = base.weight
+    if linear.disable_adapters or linear.merged:  # merged: the base weight already holds the adapters
+        return weight
+    for name in linear.active_adapters:
+        if name not in linear.lora_A:
+            continue
+        if linear.use_dora.get(name, False):
+            raise NotImplementedError(f"DoRA adapter {name!r} on an MLP projection is not supported by the routed FFN")
+        dropout = linear.lora_dropout[name]
+        if isinstance(dropout, nn.Dropout) and dropout.p > 0 and dropout.training:
+            raise ValueError(
+                f"LoRA adapter {name!r} has lora_dropout={dropout.p} on an MLP projection; the routed FFN folds "
+                "LoRA into the weight and cannot apply dropout: use lora_dropout=0 or target only attention projections"
+            )
+        weight = weight + linear.get_delta_weight(name)
+    return weight
+
+
+class RoutedMLP(nn.Module):
+    """Routed form of `down(silu(gate(x)) * up(x))`: k of n hidden-unit blocks per token, chosen by a learned router.
+
+    It adopts the original MLP's gate_proj / up_proj / down_proj modules (so state-dict keys and LoRA targets are
+    unchanged) and adds `router`, a bias-free Linear(hidden, n). The original module is kept (outside the module
+    tree) for `unpatch_model`.
+    """
+
+    def __init__(self, mlp: nn.Module, n_blocks: int, active_blocks: int, router_init_std: float, backend: str):
+        super().__init__()
+        act = getattr(getattr(mlp, "config", None), "hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise ValueError(f"the routed FFN implements SwiGLU (silu); this MLP uses {act!r}")
+        bases = [getattr(p, "base_layer", p) for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)]  # under LoRA
+        if any(b.bias is not None for b in bases):
+            raise ValueError("the routed FFN supports bias-free MLP projections only (mlp_bias=False)")
+        gate_base = bases[0]
+        if gate_base.out_features % n_blocks:
+            raise ValueError(f"FFN width {gate_base.out_features} is not divisible into ffn_blocks={n_blocks}")
+        self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        weight = gate_base.weight
+        self.router = nn.Linear(gate_base.in_features, n_blocks, bias=False, device=weight.device, dtype=weight.dtype)
+        nn.init.normal_(self.router.weight, std=router_init_std)
+        self.n_blocks = n_blocks
+        self.active_blocks = active_blocks
+        self.backend = backend
+        self.__dict__["dense_mlp"] = mlp  # not a submodule: neither trained, saved nor moved with this module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.reshape(-1, x.shape[-1])  # (T, hidden)
+        blocks, gate = route_tokens(self.router(tokens), self.active_blocks)
+        y = routed_ffn(
+            tokens,
+            effective_weight(self.gate_proj),
+            effective_weight(self.up_proj),
+            effective_weight(self.down_proj),
+            blocks,
+            gate,
+            self.n_blocks,
+            self.backend,
+        )
+        return y.view(x.shape)
+
+    def restore(self) -> nn.Module:
+        """The original dense MLP, given back the (possibly LoRA-wrapped) projections this module now holds."""
+        mlp = self.dense_mlp
+        mlp.gate_proj, mlp.up_proj, mlp.down_proj = self.gate_proj, self.up_proj, self.down_proj
+        return mlp

@@ -86,6 +86,14 @@ def test_faiss_search_one_query(benchmark, corpus, record):
 
 
 @pytest.mark.benchmark(group="single-step")
+def test_numpy_scores_one_query(benchmark, corpus, record):
+    """The work a step cannot avoid: every document's score for the query (one matrix-vector product)."""
+    _, docs, _, queries, _ = corpus
+    benchmark(lambda: docs @ queries[0])
+    record(benchmark, "numpy_scores_1q")
+
+
+@pytest.mark.benchmark(group="single-step")
 def test_env_step(benchmark, big_env, record):
     env, action = big_env
 
@@ -94,7 +102,7 @@ def test_env_step(benchmark, big_env, record):
         return env.step(action)
 
     benchmark(step)
-    record(benchmark, "env_step", baseline="faiss_search_1q")
+    record(benchmark, "env_step", baseline=("faiss_search_1q", "numpy_scores_1q"))
 
 
 @pytest.mark.benchmark(group="make")

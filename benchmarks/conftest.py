@@ -18,18 +18,17 @@ import pytest
 from searchr3_env.atomic import atomic_write
 
 _MEANS: dict[str, float] = {}
-_BASELINES: dict[str, str] = {}
+_BASELINES: dict[str, tuple[str, ...]] = {}
 _EXTRA: dict[str, dict] = {}
 
 
 @pytest.fixture
 def record():
-    def _record(benchmark, name: str, baseline: str | None = None, **extra) -> None:
+    def _record(benchmark, name: str, baseline: str | tuple[str, ...] = (), **extra) -> None:
         if benchmark.stats is None:  # --benchmark-disable
             return
         _MEANS[name] = benchmark.stats.stats.mean
-        if baseline:
-            _BASELINES[name] = baseline
+        _BASELINES[name] = (baseline,) if isinstance(baseline, str) else tuple(baseline)
         if extra:
             _EXTRA[name] = extra
 
@@ -43,17 +42,15 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.write_sep("=", "searchr3 benchmark ratios (same run)")
     for name, mean in _MEANS.items():
         row = {"mean_s": mean, **_EXTRA.get(name, {})}
-        base = _BASELINES.get(name)
-        if base in _MEANS:
-            row["baseline"] = base
-            row["throughput_vs_baseline"] = _MEANS[base] / mean
-            row["overhead_s"] = mean - _MEANS[base]
-            terminalreporter.write_line(
-                f"{name}: {mean * 1e3:.3f} ms; {base}: {_MEANS[base] * 1e3:.3f} ms; "
-                f"throughput ratio {row['throughput_vs_baseline']:.3f}; overhead {row['overhead_s'] * 1e6:.0f} us"
-            )
-        else:
-            terminalreporter.write_line(f"{name}: {mean * 1e3:.3f} ms {_EXTRA.get(name, '')}")
+        terminalreporter.write_line(f"{name}: {mean * 1e3:.3f} ms {_EXTRA.get(name, '')}")
+        for base in _BASELINES.get(name, ()):
+            if base in _MEANS:
+                row[f"throughput_vs_{base}"] = _MEANS[base] / mean
+                row[f"overhead_vs_{base}_s"] = mean - _MEANS[base]
+                terminalreporter.write_line(
+                    f"    vs {base} ({_MEANS[base] * 1e3:.3f} ms): throughput ratio "
+                    f"{_MEANS[base] / mean:.3f}, overhead {(mean - _MEANS[base]) * 1e6:.0f} us"
+                )
         rows[name] = row
     out = Path(__file__).parent / "results" / "latest.json"
     with atomic_write(out, "w") as f:

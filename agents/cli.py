@@ -1,13 +1,20 @@
 """The ``searchr3`` command line.
 
-    searchr3 demo [--data DIR ...]            baseline table on the synthetic collection (and any BEIR folders)
+    searchr3 demo [--data DIR] [--device cuda ...]   the main job: baseline eval -> SFT -> GRPO -> eval, one table
+    searchr3 demo --baselines-only [--data DIR ...]  baseline table on the synthetic collection (and any BEIR folders)
     searchr3 eval --data DIR --encoder NAME    one agent's metrics, optionally JSON and a TREC run file
+                                               (NAME: a baseline, or llm:CHECKPOINT_DIR / llm:smollm2 / llm:HF_DIR)
+    searchr3 sft --data DIR [--model smollm2|PATH] [--output-dir RUN ...]   SFT warm-up of the LLM embedder
+    searchr3 rl --data DIR --init SFT_RUN [--output-dir RUN ...]            GRPO of the embedder against the env
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
 import json
+import re
 import logging
 import os
 import sys
@@ -23,6 +30,7 @@ from .baselines import BASELINES, make_baseline
 
 log = logging.getLogger("searchr3")
 TABLE_METRICS = ("ndcg@10", "recall@100", "mrr@10")
+DEMO_SHARED = ("data", "cache_dir", "progress")  # pipeline settings that the demo's common flags already set
 
 
 def default_cache_dir() -> Path:
@@ -33,8 +41,32 @@ def evaluate_baseline(name: str, data: str, split: str, depth: int, cache_dir: P
     """(evaluation, dataset, seconds spent encoding the corpus) for one baseline on one collection."""
     dataset = resolve_dataset(data)
     agent, encoder = make_baseline(name, dataset)
+    # Slow encoders are worth caching; hashing takes seconds.
+    return evaluate_pair(name, agent, encoder, dataset, split, depth, cache_dir if name == "minilm" else None, progress)
+
+
+def make_llm_agent(spec: str, args):
+    """(query agent, document encoder) for ``llm:SPEC``: an SFT checkpoint or run folder, else a base model."""
+    from .checkpoint import CheckpointError, resolve_checkpoint
+    from .sft import SFTConfig, build_embedder, load_agent
+
+    device = dict(device=args.device, dtype=args.dtype)
+    try:
+        resolve_checkpoint(spec)
+    except CheckpointError:
+        cfg = SFTConfig(data="", model=spec, max_doc_tokens=args.max_doc_tokens, **device,
+                        **({"cache_dir": str(args.cache_dir)} if args.cache_dir else {}))
+        embedder = build_embedder(cfg)
+        embedder.reasoning_tokens, embedder.batch_size = args.reasoning, args.batch_size
+        return embedder, embedder
+    return load_agent(spec, reasoning_tokens=args.reasoning, batch_size=args.batch_size, cache_dir=args.cache_dir,
+                      **device)
+
+
+def evaluate_pair(name, agent, encoder, dataset, split: str, depth: int, cache_dir: Path | None, progress: bool):
+    """(evaluation, dataset, seconds spent encoding the corpus) for a (query agent, document encoder) pair."""
     start = time.perf_counter()
-    if cache_dir is not None and name == "minilm":  # slow encoders are worth caching; hashing takes seconds
+    if cache_dir is not None:
         index = load_or_build_index(dataset, encoder, cache_dir, progress=progress)
     else:
         index = CorpusIndex.build(dataset, encoder, progress=progress)
@@ -57,15 +89,30 @@ def format_table(rows: list[dict]) -> str:
 
 
 def cmd_demo(args) -> int:
+    if not args.baselines_only and args.agents is None:
+        return cmd_pipeline(args)
     rows = []
     for data in args.data:
-        for name in args.agents:
+        for name in args.agents or list(BASELINES):
             evaluation, dataset, encode_s = evaluate_baseline(
                 name, data, args.split, args.depth, args.cache_dir, not args.no_progress
             )
             rows.append(_row(name, dataset, evaluation, encode_s))
             log.info("%s on %s: %s", name, dataset.name, evaluation.metrics.mean)
     print(format_table(rows))
+    return 0
+
+
+def cmd_pipeline(args) -> int:
+    from .pipeline import PipelineConfig, run
+
+    if len(args.data) > 1:
+        raise SystemExit("searchr3 demo: the pipeline trains on one collection; pass one --data (or --baselines-only)")
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(PipelineConfig) if f.name not in DEMO_SHARED}
+    cfg = PipelineConfig(data=args.data[0], cache_dir=str(args.cache_dir or default_cache_dir()),
+                         progress=not args.no_progress, **flags)
+    print(format_table(run(cfg)))
+    print(f"plots: {Path(cfg.output_dir) / 'sft' / 'metrics.png'} {Path(cfg.output_dir) / 'grpo' / 'metrics.png'}")
     return 0
 
 
@@ -81,9 +128,16 @@ def _row(name: str, dataset, evaluation: AgentEvaluation, encode_s: float) -> di
 
 
 def cmd_eval(args) -> int:
-    evaluation, dataset, encode_s = evaluate_baseline(
-        args.encoder, args.data, args.split, args.depth, args.cache_dir, not args.no_progress
-    )
+    if args.encoder.startswith("llm:"):
+        agent, encoder = make_llm_agent(args.encoder[len("llm:"):], args)
+        if args.reasoning:
+            args.encoder += f"+reasoning{args.reasoning}"
+        evaluation, dataset, encode_s = evaluate_pair(args.encoder, agent, encoder, resolve_dataset(args.data),
+                                                      args.split, args.depth, args.cache_dir, not args.no_progress)
+    else:
+        evaluation, dataset, encode_s = evaluate_baseline(
+            args.encoder, args.data, args.split, args.depth, args.cache_dir, not args.no_progress
+        )
     if args.run_out:
         write_trec_run(args.run_out, evaluation.run, tag=f"searchr3-{args.encoder}")
     if args.json:
@@ -107,22 +161,93 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--no-cache", dest="cache_dir", action="store_const", const=None, help="never cache indexes")
         p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
-    demo = sub.add_parser("demo", help="evaluate the baseline agents through the env and print one table")
+    demo = sub.add_parser("demo", help="the main job: baseline eval, SFT, GRPO and eval of SmolLM2, one table "
+                                       "(--baselines-only: the baseline agents' table)")
     demo.add_argument("--data", nargs="+", default=["synthetic"],
-                      help="'synthetic' (default) and/or BEIR folders, e.g. ../shared/data/*")
-    demo.add_argument("--agents", type=lambda s: s.split(","), default=list(BASELINES),
-                      help=f"comma-separated baselines (default: {','.join(BASELINES)})")
+                      help="'synthetic' (default) or a BEIR folder; several with --baselines-only")
+    demo.add_argument("--baselines-only", action="store_true", help="only the baseline agents' table, no training")
+    demo.add_argument("--agents", type=lambda s: s.split(","), default=None,
+                      help=f"comma-separated baselines, implies --baselines-only (default: {','.join(BASELINES)})")
     common(demo)
+    from .pipeline import PipelineConfig
+
+    add_config_arguments(demo, PipelineConfig, skip=DEMO_SHARED)
     demo.set_defaults(func=cmd_demo)
 
     ev = sub.add_parser("eval", help="metrics of one agent on one collection")
     ev.add_argument("--data", default="synthetic", help="'synthetic' or a BEIR folder")
-    ev.add_argument("--encoder", default="hashing", choices=BASELINES)
+    ev.add_argument("--encoder", default="hashing", type=_encoder_name,
+                    help=f"{', '.join(BASELINES)}, or llm:CHECKPOINT_DIR (an SFT run or checkpoint), llm:smollm2, "
+                         "llm:HF_MODEL_DIR (untrained, with the embed token)")
+    ev.add_argument("--reasoning", type=int, nargs="?", const=32, default=0, metavar="N",
+                    help="llm encoders: generate up to N reasoning tokens per query before embedding (default 32)")
+    ev.add_argument("--max-doc-tokens", type=int, default=96, help="llm base models: document truncation")
+    ev.add_argument("--batch-size", type=int, default=16, help="llm encoders: sequences per forward pass")
+    ev.add_argument("--device", default="cpu", help="llm encoders: torch device (cuda for a GPU)")
+    ev.add_argument("--dtype", default="float32", help="llm encoders: float32, or bfloat16 on GPU")
     ev.add_argument("--json", action="store_true", help=f"print JSON with keys {', '.join(DEFAULT_METRICS)}")
     ev.add_argument("--run-out", type=Path, help="write a TREC run file (qid Q0 docid rank score tag)")
     common(ev)
     ev.set_defaults(func=cmd_eval)
+
+    sft = sub.add_parser("sft", help="SFT warm-up of the LLM embedder (resumes an existing --output-dir)",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_config_arguments(sft)
+    sft.set_defaults(func=cmd_sft)
+
+    from .grpo import GRPOConfig
+
+    rl = sub.add_parser("rl", help="GRPO of an SFT checkpoint against the env (resumes an existing --output-dir)",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_config_arguments(rl, GRPOConfig)
+    rl.set_defaults(func=cmd_rl)
     return parser
+
+
+def _encoder_name(value: str) -> str:
+    if value in BASELINES or (value.startswith("llm:") and len(value) > 4):
+        return value
+    raise argparse.ArgumentTypeError(f"choose from {', '.join(BASELINES)} or llm:PATH, got {value!r}")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config=None, skip: tuple[str, ...] = ()) -> None:
+    """One ``--flag`` per field of a config dataclass (default SFTConfig), its help taken from the field's comment
+    (one source of truth); fields in ``skip`` are left to the caller."""
+    if config is None:
+        from .sft import SFTConfig as config
+
+    comments = dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.*)$", inspect.getsource(config), re.M))
+    for f in dataclasses.fields(config):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        if f.name == "progress":
+            parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+        elif isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=comments.get(f.name))
+        else:
+            parser.add_argument(flag, type=type(default) if default is not None else str, default=default,
+                                required=default is None, help=comments.get(f.name))
+
+
+def cmd_sft(args) -> int:
+    from .sft import SFTConfig, train
+
+    cfg = SFTConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SFTConfig)})
+    checkpoint = train(cfg)
+    print(f"final checkpoint: {checkpoint}\nevaluate it: searchr3 eval --data {cfg.data} --encoder llm:{cfg.output_dir}")
+    return 0
+
+
+def cmd_rl(args) -> int:
+    from .grpo import GRPOConfig, train
+
+    cfg = GRPOConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(GRPOConfig)})
+    checkpoint = train(cfg)
+    print(f"final checkpoint: {checkpoint}\nplot: {Path(cfg.output_dir) / 'metrics.png'}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,132 @@
+"""Training checkpoints that a killed run resumes from exactly.
+
+A checkpoint is a folder ``<run>/checkpoints/step-NNNNNN/`` holding
+
+* ``weights.safetensors``: the trainable parameters (LoRA adapters, or every weight when fully fine-tuned);
+* ``optimizer.pt``: optimiser and learning-rate schedule state;
+* ``rng.pt``: Python, NumPy and torch random states;
+* ``config.json``: the run's configuration, enough to rebuild the model;
+* ``state.json``: the step and encoder version.
+
+It is written to a temporary folder and renamed into place, then ``<run>/latest``
+is atomically pointed at it, so a kill at any moment leaves the previous
+checkpoint usable and never a half-written one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from searchr3_env.atomic import atomic_write
+
+WEIGHTS, OPTIMIZER, RNG, CONFIG, STATE = "weights.safetensors", "optimizer.pt", "rng.pt", "config.json", "state.json"
+FILES = (WEIGHTS, OPTIMIZER, RNG, CONFIG, STATE)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that is missing, incomplete, or does not fit the model."""
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, config: dict, state: dict,
+                    keep: int = 2) -> Path:
+    """Write checkpoint ``step`` and point ``latest`` at it; keeps the newest ``keep`` checkpoints."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / f"step-{step:06d}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{target.name}."))
+    try:
+        save_file(trainable_state(model), tmp / WEIGHTS, metadata={"step": str(step)})
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / OPTIMIZER)
+        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, tmp / RNG)
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2))
+        (tmp / STATE).write_text(json.dumps({"step": step, **state}, indent=2))
+        for name in FILES:  # the rename below must not publish bytes still in the page cache only
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+        if target.exists():
+            shutil.rmtree(target)
+        os.rename(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_write(Path(run_dir) / "latest", "w") as f:
+        f.write(target.name)
+    for old in sorted(root.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder itself, or a run folder's latest checkpoint."""
+    path = Path(path)
+    if (path / "latest").is_file():
+        path = path / "checkpoints" / (path / "latest").read_text().strip()
+    missing = [name for name in FILES if not (path / name).is_file()]
+    if missing:
+        raise CheckpointError(f"{path}: not a complete checkpoint (missing {', '.join(missing)})")
+    return path
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The run's latest complete checkpoint, or None for a fresh run."""
+    return resolve_checkpoint(run_dir) if (Path(run_dir) / "latest").is_file() else None
+
+
+def read_json(checkpoint: Path, name: str) -> dict:
+    return json.loads((Path(checkpoint) / name).read_text())
+
+
+def load_weights(checkpoint: Path, model) -> None:
+    """Copy the saved trainable parameters into ``model`` (names and shapes must match)."""
+    saved = load_file(Path(checkpoint) / WEIGHTS)
+    params = dict(model.named_parameters())
+    unknown = sorted(set(saved) - set(params))
+    if unknown:
+        raise CheckpointError(f"{checkpoint}: weights {unknown[:3]} do not exist in the model (another setup?)")
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            if params[name].shape != tensor.shape:
+                raise CheckpointError(
+                    f"{checkpoint}: {name} has shape {tuple(tensor.shape)}, the model {tuple(params[name].shape)}"
+                )
+            params[name].copy_(tensor)
+
+
+def load_training_state(checkpoint: Path, model, optimizer, scheduler) -> dict:
+    """Restore weights, optimiser, schedule and random states; returns the saved ``state.json``."""
+    load_weights(checkpoint, model)
+    opt = torch.load(Path(checkpoint) / OPTIMIZER, weights_only=False)
+    optimizer.load_state_dict(opt["optimizer"])
+    scheduler.load_state_dict(opt["scheduler"])
+    rng = torch.load(Path(checkpoint) / RNG, weights_only=False)
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return read_json(checkpoint, STATE)
+
+
+def weights_digest(checkpoint: Path) -> str:
+    """Short content hash of the weights: names a checkpoint's corpus index in the cache."""
+    h = hashlib.sha256()
+    with open(Path(checkpoint) / WEIGHTS, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:10]

@@ -1,0 +1,404 @@
+"""GRPO of the LLM embedder against ``SearchR3-v0``: read top to bottom, CleanRL-style.
+
+One step draws Q training queries and samples G rollouts of each (up to
+``reasoning_tokens`` of reasoning, then ``<|embed_token|>``, see
+:mod:`agents.rollouts`). The Q*G rollout embeddings are the actions of one
+batched step of the vector env, pinned group by group to the drawn queries.
+Each rollout's reward is
+
+    r = env reward (full-depth nDCG of the query's relevant documents by default)
+      + w_format * format reward (1/2 for emitting the embed token, 1/2 for stopping within budget)
+
+and its advantage A is r normalised within its group (minus the group mean,
+over the group std): only how a rollout compares with the other rollouts of
+the *same* query counts, so easy and hard queries weigh alike. The loss is
+
+    w_pg  * -mean over sampled tokens of min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A)
+  + w_kl  * KL(policy || reference) on the sampled tokens' next-token distributions
+  + w_nce * InfoNCE(rollout embedding, [its query's best relevant document; the env's top-ranked
+            non-relevant documents of every query in the step]) at ``nce_temperature``
+
+* ``ratio`` = pi(token) / pi_old(token) with both at the sampling temperature, pi_old
+  the policy that sampled. Tokens are averaged over the whole batch (not per
+  sequence first), so a long reasoning is not worth less per token than a short
+  one. ``updates_per_batch`` > 1 reuses a batch of rollouts for several optimiser
+  steps; the clip then keeps the policy near the one that sampled.
+* The KL keeps the reasoning near the *SFT checkpoint* (the reference): GRPO
+  merges the SFT adapters into the weights and trains fresh LoRA adapters on
+  top, so the reference is the same model with its adapters off (with
+  ``lora=False``, a frozen copy).
+* The policy gradient alone reaches the embedding only through which tokens
+  get sampled; the InfoNCE term trains the embedding itself (the hidden state at
+  the embed token) on the very rollouts the env just scored, so reasoning and
+  embedding are optimised together. With trained documents the candidates are
+  embedded by the policy too (the gradient reaches both sides, as in SFT);
+  with frozen documents they are the index rows.
+
+Documents. If the SFT run trained documents (``train_documents``), the policy is
+also the env's document encoder: after every optimiser step it bumps its
+version, and the env's ``LocalRefresh`` re-encodes, before scoring, only the
+stale rows that decide the step's rewards (each query's top ``refresh_pool``
+plus its relevant documents, and any row older than ``max_staleness``
+versions). The log's ``docs_reencoded`` says how many. If SFT kept documents
+frozen (its CPU default), the index is the base model's and never changes.
+
+Every random choice of step t comes from generators seeded by (seed, t), and
+with trained documents the env index (whose stale rows shape the rewards) is
+saved with each checkpoint, so a resumed run repeats the uninterrupted run's
+rewards and losses exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from searchr3_env.dataset import RetrievalDataset
+from searchr3_env.evaluation import evaluate_agent
+from searchr3_env.index import CorpusIndex, load_or_build_index
+from searchr3_env.refresh import FrozenDocuments, LocalRefresh
+from searchr3_env.task import RetrievalTask, resolve_dataset
+from searchr3_env.vector_env import RetrievalVectorEnv
+
+from .checkpoint import (
+    CONFIG,
+    STATE,
+    latest_checkpoint,
+    load_training_state,
+    load_weights,
+    read_json,
+    resolve_checkpoint,
+    save_checkpoint,
+    weights_digest,
+)
+from .embedder import LLMEmbedder
+from .losses import info_nce, kl_to_reference
+from .metrics_log import MetricsLog
+from .rollouts import Rollouts, group_advantages, sample_rollouts
+from .sft import SFTConfig, cosine_schedule, load_agent, make_trainable, split_train_queries
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GRPOConfig:
+    # --- data and model
+    data: str  # BEIR folder or "synthetic"; rollouts use its train split only
+    init: str  # SFT checkpoint or run folder: the starting policy and the KL reference
+    output_dir: str = "runs/grpo"  # checkpoints, metrics.jsonl, metrics.png; an existing run resumes
+    seed: int = 0  # seeds every random choice (queries, sampled reasoning)
+    device: str = ""  # "cpu" or "cuda" ("" = the SFT run's)
+    dtype: str = ""  # "float32" or "bfloat16" ("" = the SFT run's)
+    # --- adapter
+    lora: bool = True  # fresh LoRA adapters over the merged SFT weights; False trains every weight
+    lora_rank: int = 16  # LoRA rank r
+    lora_alpha: int = 32  # LoRA scale alpha
+    lora_layers: int = 0  # adapt only the top N decoder layers (0 = all)
+    # --- rollouts
+    queries_per_step: int = 4  # Q distinct training queries per step
+    group_size: int = 8  # G sampled rollouts per query (the env steps Q*G embeddings at once)
+    reasoning_tokens: int = 32  # reasoning budget per rollout; a rollout cut off at it earns no format reward
+    temperature: float = 1.0  # sampling temperature (the ratio's log-probs use the same)
+    # --- reward and env
+    reward: str = "ndcg"  # env reward: ndcg, reciprocal_rank, neg_log_rank or recall@K
+    w_format: float = 0.1  # weight of the format reward (embed token emitted, stopped within budget)
+    refresh_pool: int = 50  # trained documents: LocalRefresh re-encodes each query's stale top-N (+ relevant)
+    max_staleness: int = 8  # trained documents: rows the step touches are never older than this many versions
+    hard_negatives: int = 8  # the env's top-ranked non-relevant documents per query used as InfoNCE negatives
+    # --- loss
+    clip_eps: float = 0.2  # PPO clip range of the importance ratio
+    updates_per_batch: int = 1  # optimiser steps per batch of rollouts (mu); 1 = on-policy
+    w_pg: float = 1.0  # weight of the clipped policy-gradient term
+    w_kl: float = 0.05  # weight of the KL to the SFT checkpoint on sampled tokens
+    w_nce: float = 0.5  # weight of InfoNCE on the rollout embeddings
+    nce_temperature: float = 0.05  # InfoNCE softmax temperature on cosine scores
+    # --- optimisation
+    max_steps: int = 50  # steps (batches of rollouts)
+    lr: float = 1e-4  # AdamW peak learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
+    warmup_steps: int = 0  # linear warm-up, then cosine decay to 0 at max_steps
+    max_grad_norm: float = 1.0  # gradient clipping
+    # --- bookkeeping
+    val_queries: int = 8  # held-out train-split queries for the nDCG@10 curve (greedy reasoning)
+    eval_every: int = 0  # steps between held-out evals (0 = at the start and the end only)
+    checkpoint_every: int = 10  # steps between checkpoints (and one at the end)
+    progress: bool = True  # tqdm progress bar
+    cache_dir: str = ""  # corpus index cache ("" = the SFT run's)
+
+    def __post_init__(self) -> None:
+        if self.group_size < 2:
+            raise ValueError(f"group_size must be >= 2 (advantages are relative to the group), got {self.group_size}")
+        if self.queries_per_step < 1 or self.max_steps < 1 or self.updates_per_batch < 1:
+            raise ValueError("queries_per_step, max_steps and updates_per_batch must be >= 1")
+
+
+# ---------------------------------------------------------------------------------------------- model
+def build_policy(cfg: GRPOConfig) -> tuple[LLMEmbedder, LLMEmbedder, torch.nn.Module | None, SFTConfig]:
+    """(policy, document encoder, reference or None, the SFT config) from the SFT checkpoint ``cfg.init``.
+
+    The SFT weights are merged (if LoRA) and fresh adapters go on top, so the
+    reference is the policy with adapters off. The document encoder is the
+    policy itself when SFT trained documents, else the untrained base model.
+    """
+    checkpoint = resolve_checkpoint(cfg.init)
+    sft_cfg = SFTConfig(**read_json(checkpoint, CONFIG))
+    policy, documents = load_agent(checkpoint, device=cfg.device or None, dtype=cfg.dtype or None,
+                                   cache_dir=cfg.cache_dir or None, batch_size=max(16, cfg.group_size))
+    if sft_cfg.lora:
+        policy.model = policy.model.merge_and_unload()
+    adapter = replace(sft_cfg, lora=cfg.lora, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                      lora_layers=cfg.lora_layers)
+    reference = make_trainable(policy, adapter)
+    policy.reasoning_tokens = cfg.reasoning_tokens  # held-out evals reason greedily with the same budget
+    return policy, documents, reference, sft_cfg
+
+
+def load_grpo_agent(path: str | Path, *, batch_size: int = 16) -> tuple[LLMEmbedder, LLMEmbedder]:
+    """(query agent, document encoder) of a GRPO checkpoint or run folder, reasoning greedily."""
+    checkpoint = resolve_checkpoint(path)
+    cfg = GRPOConfig(**read_json(checkpoint, CONFIG))
+    policy, documents, _, _ = build_policy(cfg)
+    load_weights(checkpoint, policy.model)
+    policy.model.requires_grad_(False)
+    policy.name = f"{policy.name}-grpo-{weights_digest(checkpoint)}"
+    policy.version = read_json(checkpoint, STATE)["version"]
+    policy.batch_size = batch_size
+    return policy, documents
+
+
+def reference_logits(policy: LLMEmbedder, reference, input_ids, attention_mask, rows, cols) -> torch.Tensor:
+    """The reference model's next-token logits at (rows, cols)."""
+    with torch.no_grad():
+        if reference is None:  # LoRA: the reference is the policy with its adapters off
+            with policy.model.disable_adapter():
+                hidden = policy.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask)
+            return policy.model.get_output_embeddings()(hidden.last_hidden_state[rows, cols])
+        hidden = reference.get_decoder()(input_ids=input_ids, attention_mask=attention_mask)
+        return reference.get_output_embeddings()(hidden.last_hidden_state[rows, cols])
+
+
+# ---------------------------------------------------------------------------------------------- losses
+def contrastive_targets(final_info: dict, hard_negatives: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """(candidate doc ids (C,), positive column (n,), exclude (n, C)) for InfoNCE on n scored rollouts.
+
+    Each rollout's positive is its query's highest-graded relevant document; the
+    negatives are every query's top-ranked non-relevant documents in the env's
+    top-k. A candidate relevant to a rollout's query is never its negative.
+    """
+    positives, negatives, relevant = [], [], []
+    for rel_ids, grades, top in zip(final_info["relevant_ids"], final_info["grades"], final_info["top_k_ids"]):
+        positives.append(rel_ids[int(np.argmax(grades))])
+        relevant.append(set(rel_ids))
+        negatives += [d for d in top if d not in relevant[-1]][:hard_negatives]
+    candidates = list(dict.fromkeys(positives + negatives))  # unique, positives first
+    column = {d: j for j, d in enumerate(candidates)}
+    positive = torch.tensor([column[p] for p in positives])
+    exclude = torch.tensor([[c in rel and c != p for c in candidates] for rel, p in zip(relevant, positives)])
+    return candidates, positive, exclude
+
+
+def document_embeddings(policy: LLMEmbedder, task: RetrievalTask, doc_ids: list[str], trained: bool) -> torch.Tensor:
+    """(C, d) candidate documents: embedded by the policy (differentiable) when documents are trained, else
+    the frozen index rows. Trained documents must get the gradient too, or the query side would chase
+    document embeddings that the shared weights move without regard to the loss."""
+    if trained:
+        return policy.forward(policy.document_sequences(task.dataset.document_texts(doc_ids))).embeddings
+    return torch.from_numpy(task.index.embeddings[task.index.positions(doc_ids)]).to(policy.device)
+
+
+def grpo_losses(policy: LLMEmbedder, cfg: GRPOConfig, rollouts: Rollouts, fwd, advantages: torch.Tensor,
+                old_logp: torch.Tensor | None, ref_logits: torch.Tensor, documents: torch.Tensor,
+                positive: torch.Tensor, exclude: torch.Tensor) -> dict:
+    """Every loss term of one update (tensors), plus ``loss`` and the sampled tokens' log-probs ``logp``."""
+    rows, cols, tokens = rollouts.token_positions(fwd.hidden.device)
+    logits = policy.model.get_output_embeddings()(fwd.hidden[rows, cols])  # (N sampled tokens, V)
+    logp = F.log_softmax(logits.float() / cfg.temperature, dim=-1).gather(1, tokens[:, None]).squeeze(1)
+    old = logp.detach() if old_logp is None else old_logp
+    ratio = torch.exp(logp - old)
+    adv = advantages.to(logp.device)[rows]
+    surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps) * adv)
+    has_tokens = len(tokens) > 0
+    pg = -surrogate.mean() if has_tokens else fwd.embeddings.sum() * 0.0
+    kl = kl_to_reference(logits, ref_logits) if has_tokens else pg * 0.0
+    device = fwd.embeddings.device
+    nce = info_nce(fwd.embeddings, documents, positive.to(device), cfg.nce_temperature, exclude.to(device))
+    clipped = ((ratio - 1).abs() > cfg.clip_eps).float().mean() if has_tokens else pg.detach() * 0.0
+    total = cfg.w_pg * pg + cfg.w_kl * kl + cfg.w_nce * nce
+    return {"loss": total, "loss_pg": pg, "loss_kl": kl, "loss_nce": nce, "clip_frac": clipped, "logp": logp}
+
+
+# ---------------------------------------------------------------------------------------------- the run
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def index_file(run_dir: Path, step: int) -> Path:
+    return run_dir / "index" / f"step-{step:06d}.npz"
+
+
+def train(cfg: GRPOConfig) -> Path:
+    """Run (or resume) GRPO; returns the final checkpoint folder."""
+    run_dir = Path(cfg.output_dir)
+    resume_from = latest_checkpoint(run_dir)
+    if resume_from is not None:
+        saved = read_json(resume_from, CONFIG)
+        changed = {k for k, v in asdict(cfg).items() if saved.get(k) != v and k != "progress"}
+        if changed:
+            raise ValueError(f"{run_dir} holds a run with other settings ({sorted(changed)}); use a new --output-dir")
+    torch.manual_seed(cfg.seed)
+
+    policy, documents, reference, sft_cfg = build_policy(cfg)
+    cache_dir = cfg.cache_dir or sft_cfg.cache_dir
+    full = resolve_dataset(cfg.data)
+    train_split = full.split("train")
+    train_ids, val_ids = split_train_queries(train_split, cfg.val_queries, cfg.seed)
+    trains_documents = documents is policy
+    refresh = LocalRefresh(cfg.refresh_pool, cfg.max_staleness) if trains_documents else FrozenDocuments()
+    if resume_from is not None and trains_documents:
+        index = CorpusIndex.load(index_file(run_dir, read_json(resume_from, STATE)["step"]))
+    else:
+        index = load_or_build_index(full, documents, cache_dir, progress=cfg.progress)
+    task = RetrievalTask(full, documents, index, reward=cfg.reward, split="train",
+                         top_k=cfg.hard_negatives + 10, refresh=refresh)
+    env = RetrievalVectorEnv(num_envs=cfg.queries_per_step * cfg.group_size, task=task)
+    val_task = None
+    if val_ids:
+        val_data = RetrievalDataset(f"{full.name}-val", full.corpus, {q: full.queries[q] for q in val_ids},
+                                    {q: dict(full.qrels[q]) for q in val_ids})
+        val_task = RetrievalTask(val_data, documents, index, split="all", top_k=100, refresh=refresh)
+
+    params = [p for p in policy.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(cfg))
+    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    step = 0
+    if resume_from is not None:
+        state = load_training_state(resume_from, policy.model, optimizer, scheduler)
+        step, policy.version = state["step"], state["version"]
+        metrics.truncate_after(step)
+        log.info("resumed %s at step %d", resume_from, step)
+    else:
+        metrics.truncate_after(-1)
+        log.info("GRPO from %s on %s: %d trainable parameters; %d train / %d validation queries; documents %s",
+                 cfg.init, full.name, sum(p.numel() for p in params), len(train_ids), len(val_ids),
+                 "trained (local refresh)" if trains_documents else "frozen")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+
+    def evaluate() -> None:
+        if val_task is not None:
+            ndcg10 = evaluate_agent(policy, val_task, progress=False).metrics.mean["ndcg@10"]
+            metrics.write(step, **{"eval_val_ndcg@10": ndcg10})
+            log.info("step %d: held-out nDCG@10 %.4f", step, ndcg10)
+
+    if step == 0:
+        evaluate()
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="grpo", unit="step", disable=not cfg.progress)
+    while step < cfg.max_steps:
+        start = time.perf_counter()
+        rng = np.random.default_rng([cfg.seed, step])
+        query_ids = [train_ids[i] for i in rng.choice(len(train_ids), cfg.queries_per_step, replace=False)]
+        torch.manual_seed(int(rng.integers(2**62)))  # the sampled reasoning of step t, resumable
+        rollouts = sample_rollouts(policy, query_ids, [full.queries[q] for q in query_ids], cfg.group_size,
+                                   cfg.reasoning_tokens, cfg.temperature)
+        generate_s = time.perf_counter() - start
+
+        record: dict[str, float] = {}
+        env_s = 0.0
+        for update in range(cfg.updates_per_batch):
+            optimizer.zero_grad(set_to_none=True)
+            fwd = policy.forward(rollouts.sequences)
+            if update == 0:  # score the rollouts once, with the policy that sampled them
+                env_start = time.perf_counter()
+                env.reset(seed=cfg.seed, options={"query_ids": rollouts.query_ids})
+                _, env_reward, _, _, info = env.step(fwd.embeddings.detach().cpu().numpy())
+                final = info["final_info"]
+                candidates, positive, exclude = contrastive_targets(final, cfg.hard_negatives)
+                env_s = time.perf_counter() - env_start
+                reward = env_reward + cfg.w_format * rollouts.format_reward
+                advantages = torch.from_numpy(group_advantages(reward, cfg.group_size)).float()
+                rows, cols, _ = rollouts.token_positions(fwd.hidden.device)
+                ref_logits = reference_logits(policy, reference, fwd.input_ids, fwd.attention_mask, rows, cols)
+                old_logp = None
+            docs = document_embeddings(policy, task, candidates, trains_documents)
+            terms = grpo_losses(policy, cfg, rollouts, fwd, advantages, old_logp, ref_logits, docs, positive, exclude)
+            terms["loss"].backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
+            optimizer.step()
+            policy.bump_version()
+            if update == 0:
+                old_logp = terms["logp"].detach()
+            for k, v in terms.items():
+                if k != "logp":
+                    record[k] = record.get(k, 0.0) + v.item() / cfg.updates_per_batch
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        step += 1
+        step_s = time.perf_counter() - start
+        record.update(
+            reward=float(reward.mean()), reward_env=float(env_reward.mean()),
+            reward_format=float(rollouts.format_reward.mean()), train_ndcg10=float(np.mean(final["ndcg@10"])),
+            reasoning_len=float(rollouts.reasoning_lengths.mean()), embed_emitted=float(rollouts.emitted.mean()),
+            docs_reencoded=int(final["docs_reencoded"][0]), encoder_version=policy.version,
+            lr=lr, grad_norm=grad_norm, generate_s=generate_s, env_s=env_s,
+            update_s=step_s - generate_s - env_s, step_s=step_s, peak_mem_mb=peak_memory_mb(),
+        )
+        metrics.write(step, **record)
+        bar.update(1)
+        bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['loss_kl']:.4f}")
+        last = step == cfg.max_steps
+        if (cfg.eval_every and step % cfg.eval_every == 0) or last:
+            evaluate()
+        if step % cfg.checkpoint_every == 0 or last:
+            if trains_documents:  # the env's index is part of the state: rewards depend on its stale rows
+                task.index.save(index_file(run_dir, step))
+            checkpoint = save_checkpoint(run_dir, step, policy.model, optimizer, scheduler, asdict(cfg),
+                                         {"version": policy.version})
+            kept = {p.name for p in checkpoint.parent.glob("step-*")}
+            for old in (run_dir / "index").glob("step-*.npz"):
+                if old.stem not in kept:
+                    old.unlink()
+    bar.close()
+    plot(metrics, run_dir / "metrics.png", title=f"GRPO on {full.name} from {Path(cfg.init).name}")
+    return latest_checkpoint(run_dir)
+
+
+def plot(metrics: MetricsLog, png: Path, title: str) -> Path:
+    """Four panels over steps: reward, held-out nDCG@10, KL to the reference, reasoning length."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from searchr3_env.atomic import atomic_write
+
+    records = metrics.read()
+    panels = (("reward", ("reward", "reward_env", "reward_format")), ("held-out nDCG@10", ("eval_val_ndcg@10",)),
+              ("KL to SFT", ("loss_kl",)), ("reasoning tokens", ("reasoning_len",)))
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    for ax, (name, keys) in zip(axes, panels):
+        for key in keys:
+            pts = [(r["step"], r[key]) for r in records if key in r]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", markersize=3, label=key)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        if len(keys) > 1:
+            ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_write(png) as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)
+    return png

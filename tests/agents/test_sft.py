@@ -1,0 +1,133 @@
+"""The SFT stage on a tiny random Llama: checkpoints, exact resume after a kill, pseudo-queries, the CLI."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agents.checkpoint import CheckpointError, resolve_checkpoint
+from agents.cli import main
+from agents.sft import SFTConfig, load_agent, pseudo_queries, train
+from searchr3_env import load_beir
+
+LOSS_KEYS = ("loss", "loss_lm", "loss_kl", "loss_nce", "loss_triplet", "grad_norm")
+
+
+def tiny_config(tiny_beir, tiny_model_dir, run_dir, **overrides) -> SFTConfig:
+    settings = dict(data=str(tiny_beir), model=str(tiny_model_dir), output_dir=str(run_dir), max_steps=6,
+                    batch_size=4, hard_negatives=2, mine_depth=5, val_queries=2, checkpoint_every=2, lr=1e-3,
+                    warmup_steps=2, cache_dir=str(Path(run_dir).parent / "cache"), progress=False)
+    return SFTConfig(**{**settings, **overrides})
+
+
+def losses(run_dir) -> dict[int, dict]:
+    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: {k: r[k] for k in LOSS_KEYS} for r in records if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_beir, tiny_model_dir, tmp_path_factory):
+    import torch
+
+    torch.set_num_threads(1)
+    cfg = tiny_config(tiny_beir, tiny_model_dir, tmp_path_factory.mktemp("sft") / "run")
+    return cfg, train(cfg)
+
+
+def test_a_run_writes_checkpoints_metrics_and_a_plot(finished_run):
+    cfg, checkpoint = finished_run
+    run = Path(cfg.output_dir)
+    assert checkpoint == run / "checkpoints" / "step-000006"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000004", "step-000006"]  # keeps 2
+    assert (run / "metrics.png").stat().st_size > 1000
+    logged = losses(run)
+    assert sorted(logged) == [1, 2, 3, 4, 5, 6]
+    assert all(np.isfinite(v) for record in logged.values() for v in record.values())
+    assert logged[1]["loss_kl"] == 0.0  # LoRA starts at the base model
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "eval_val_ndcg@10" in line]
+    assert [e["step"] for e in evals] == [0, 6]
+
+
+def test_resume_after_a_kill_repeats_the_uninterrupted_losses(finished_run, tiny_beir, tiny_model_dir, tmp_path):
+    reference_cfg, _ = finished_run
+    cfg = SFTConfig(**{**asdict(reference_cfg), "output_dir": str(tmp_path / "killed")})
+    # A child process trains and is SIGKILLed right after logging step 3 (checkpoint at step 2):
+    # no cleanup runs, and the log holds a step the checkpoint does not.
+    script = f"""
+import os, signal, torch
+torch.set_num_threads(1)
+import agents.sft as sft
+write = sft.MetricsLog.write
+def write_then_die(self, step, **values):
+    write(self, step, **values)
+    if step == 3 and "loss" in values:
+        os.kill(os.getpid(), signal.SIGKILL)
+sft.MetricsLog.write = write_then_die
+sft.train(sft.SFTConfig(**{asdict(cfg)!r}))
+"""
+    child = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[2], capture_output=True,
+                           text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
+    assert child.returncode == -9, child.stderr[-2000:]
+    assert resolve_checkpoint(cfg.output_dir).name == "step-000002"
+    assert 3 in losses(cfg.output_dir)
+    train(cfg)
+    assert losses(cfg.output_dir) == losses(reference_cfg.output_dir)
+
+
+def test_resume_refuses_other_settings(finished_run):
+    cfg, _ = finished_run
+    with pytest.raises(ValueError, match="other settings.*lr"):
+        train(SFTConfig(**{**asdict(cfg), "lr": 0.5}))
+
+
+def test_checkpoint_loads_as_a_versioned_encoder_with_frozen_base_documents(finished_run):
+    cfg, checkpoint = finished_run
+    agent, documents = load_agent(cfg.output_dir)
+    assert agent.version == 6 and agent.name.startswith("llm-") and agent.name != documents.name
+    assert documents.version == 0 and documents.name == agent.name.rsplit("-", 1)[0]
+    texts = ["boundary layer flow", "shock wave"]
+    assert not np.allclose(agent.encode_queries(texts), documents.encode_queries(texts), atol=1e-4)
+    again, _ = load_agent(checkpoint)
+    np.testing.assert_array_equal(again.encode_queries(texts), agent.encode_queries(texts))
+    with pytest.raises(CheckpointError, match="missing"):
+        resolve_checkpoint(Path(cfg.output_dir) / "checkpoints")
+
+
+def test_pseudo_queries_fill_up_scarce_qrels(tiny_beir, tiny_model_dir, tmp_path, caplog):
+    dataset = load_beir(tiny_beir)
+    assert pseudo_queries(dataset, 0, np.random.default_rng(0)) == []
+    pairs = pseudo_queries(dataset, 6, np.random.default_rng(0))
+    assert len(pairs) == 6
+    for query, doc_id, positive in pairs:
+        doc = dataset.corpus[doc_id]
+        assert (query == doc.title and positive == doc.text) or (query in doc.text and positive == doc.as_text())
+    cfg = tiny_config(tiny_beir, tiny_model_dir, tmp_path / "run", max_steps=1, min_pairs=200, val_queries=0,
+                      train_documents=True, negatives="hashing")
+    with caplog.at_level(logging.INFO, logger="agents.sft"):
+        train(cfg)
+    assert "corpus pseudo-queries (qrels scarce" in caplog.text
+
+
+def test_cli_full_fine_tuning_with_trained_documents_then_eval(tiny_beir, tiny_model_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["sft", "--data", str(tiny_beir), "--model", str(tiny_model_dir), "--output-dir", str(run),
+                 "--max-steps", "2", "--batch-size", "4", "--hard-negatives", "2", "--mine-depth", "5",
+                 "--val-queries", "0", "--cache-dir", str(tmp_path / "cache"), "--no-progress",
+                 "--no-lora", "--train-documents", "--negatives", "hashing"]) == 0
+    assert "final checkpoint" in capsys.readouterr().out
+    for extra in ([], ["--reasoning", "4"]):
+        assert main(["eval", "--data", str(tiny_beir), "--encoder", f"llm:{run}", "--json", "--no-progress",
+                     "--cache-dir", str(tmp_path / "cache"), *extra]) == 0
+        reported = json.loads(capsys.readouterr().out)
+        assert reported["split"] == "test" and 0.0 <= reported["ndcg@10"] <= 1.0
+    assert reported["agent"] == f"llm:{run}+reasoning4"
+    assert main(["eval", "--data", str(tiny_beir), "--encoder", f"llm:{tiny_model_dir}", "--json", "--no-progress",
+                 "--no-cache"]) == 0
+    with pytest.raises(SystemExit):
+        main(["eval", "--encoder", "bm25"])

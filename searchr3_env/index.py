@@ -39,7 +39,7 @@ FORMAT = "searchr3-corpus-index/1"
 # Scores closer than this (relative to |q| |d|) count as ties in ranks(): ~16 float32 ulps.
 TIE_RTOL = 2e-6
 # Score blocks of at most this many floats are materialised at once in ranks().
-_BLOCK_FLOATS = 1 << 24
+_BLOCK_FLOATS = 1 << 25
 
 
 class IndexFileError(ValueError):
@@ -298,12 +298,20 @@ class CorpusIndex:
         return np.unique(np.concatenate(found))
 
     def _score_blocks(self, queries: np.ndarray):
-        """(query slice, (b, n_docs) scores) in blocks of at most _BLOCK_FLOATS floats."""
-        step = max(1, _BLOCK_FLOATS // len(self))
+        """(query slice, (b, n_docs) scores) in blocks of at most _BLOCK_FLOATS floats.
+
+        Every block is written into one reused buffer (a fresh array per block
+        costs page faults comparable to the product itself), so a block is
+        only valid until the next one is produced.
+        """
+        step = max(1, min(len(queries), _BLOCK_FLOATS // len(self)))
+        buf = np.empty((step, len(self)), dtype=np.float32)
         emb_t = self._emb.T
         for start in range(0, len(queries), step):
             sl = slice(start, start + step)
-            yield sl, queries[sl] @ emb_t
+            block = buf[: len(queries[sl])]
+            np.matmul(queries[sl], emb_t, out=block)
+            yield sl, block
 
     def _tie_thresholds(self, queries: np.ndarray, block: np.ndarray, pos: np.ndarray) -> np.ndarray:
         """Scores of the given rows lowered by the float32 rounding margin (inf where padded).

@@ -86,6 +86,7 @@ class SFTConfig:
     lora_alpha: int = 32  # LoRA scale alpha (effective scale alpha / r)
     lora_layers: int = 0  # adapt only the top N decoder layers (0 = all): backward stops below them
     train_documents: bool = False  # embed documents with the model being trained (else frozen base rows)
+    spt: bool = False  # run on SPT-patched attention and FFN (spt_kernels, default SPTConfig) for cheaper fine-tuning
     # --- training pairs
     val_queries: int = 8  # train-split queries held out for the in-training validation nDCG@10
     min_pairs: int = 0  # add corpus pseudo-queries until there are this many pairs (0 = qrels only)
@@ -152,20 +153,29 @@ def build_embedder(cfg: SFTConfig) -> LLMEmbedder:
 
 
 def make_trainable(embedder: LLMEmbedder, cfg: SFTConfig):
-    """Wrap the model in LoRA adapters (or unfreeze it); returns the frozen reference for the KL term."""
-    model = embedder.model
-    if not cfg.lora:
-        reference = copy.deepcopy(model).requires_grad_(False)
-        model.requires_grad_(True)
-        return reference
-    from peft import LoraConfig, get_peft_model
+    """Wrap the model in LoRA adapters (or unfreeze it), SPT-patch it if asked; returns the frozen KL reference.
 
-    n_layers = model.config.num_hidden_layers
-    layers = list(range(n_layers - cfg.lora_layers, n_layers)) if cfg.lora_layers else None
-    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                      target_modules=list(LORA_TARGETS), layers_to_transform=layers)
-    embedder.model = get_peft_model(model, lora)
-    return None  # the reference is the same model with its adapters disabled
+    SPT is patched after LoRA so its routers and codebooks train too; the KL
+    reference is then the dense base model (a copy taken before patching), so
+    the KL term also pulls the sparse model towards the dense one.
+    """
+    model = embedder.model
+    reference = copy.deepcopy(model).requires_grad_(False) if not cfg.lora or cfg.spt else None
+    if not cfg.lora:
+        model.requires_grad_(True)
+    else:
+        from peft import LoraConfig, get_peft_model
+
+        n_layers = model.config.num_hidden_layers
+        layers = list(range(n_layers - cfg.lora_layers, n_layers)) if cfg.lora_layers else None
+        lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                          target_modules=list(LORA_TARGETS), layers_to_transform=layers)
+        embedder.model = get_peft_model(model, lora)
+    if cfg.spt:
+        from spt_kernels import SPTConfig, patch_model
+
+        patch_model(embedder.model, SPTConfig())
+    return reference  # None: the same model with its adapters disabled
 
 
 def load_agent(path: str | Path, *, reasoning_tokens: int = 0, device: str | None = None, dtype: str | None = None,
@@ -182,7 +192,7 @@ def load_agent(path: str | Path, *, reasoning_tokens: int = 0, device: str | Non
     cfg = SFTConfig(**{**saved, "device": device or saved["device"], "dtype": dtype or saved["dtype"],
                        "cache_dir": str(cache_dir or saved["cache_dir"])})
     embedder = build_embedder(cfg)
-    if cfg.lora:  # the same adapter layout as in training, so the saved names match
+    if cfg.lora or cfg.spt:  # the same adapter and SPT layout as in training, so the saved names match
         make_trainable(embedder, cfg)
     load_weights(checkpoint, embedder.model)
     embedder.model.requires_grad_(False)

@@ -2,11 +2,13 @@
 
 The Python API behind ``searchr3 sft`` and ``searchr3 eval --encoder llm:RUN``:
 
-    .venv/bin/python examples/sft_cranfield.py [--data ../shared/data/cranfield] [--steps 120]
+    .venv/bin/python examples/sft_cranfield.py [--data ../shared/data/cranfield] [--steps 24]
 
-Sized for a 2-core CPU (~15 minutes of training): frozen documents (the base
-model's corpus index, built once and cached), LoRA on every layer, 16 queries
-and 7 mined hard negatives per step. On a GPU pass ``--device cuda`` (bfloat16).
+The settings of run A in ``benchmarks/RESULTS_llm.md``, sized for a 2-core CPU:
+frozen documents (the base model's corpus index, built once and cached; the
+first build is the slow part, ~10 min idle, much more on a shared machine), LoRA
+on the top 15 layers, 16 queries and 7 mined hard negatives per step (~10-20 s
+a step). On a GPU pass ``--device cuda`` (bfloat16, 64 queries a step).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cranfi
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(DEFAULT_DATA))
-    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--output-dir", default="runs/sft-cranfield")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
@@ -34,7 +36,7 @@ def main() -> None:
     gpu = args.device.startswith("cuda")
     cfg = SFTConfig(data=args.data, output_dir=args.output_dir, max_steps=args.steps, device=args.device,
                     dtype="bfloat16" if gpu else "float32", batch_size=64 if gpu else 16,
-                    checkpoint_every=20, eval_every=20)
+                    lr=2e-3, warmup_steps=2, lora_layers=15, checkpoint_every=8, eval_every=8)
     checkpoint = train(cfg)  # resumes if output_dir already holds a run
 
     agent, documents = load_agent(checkpoint)

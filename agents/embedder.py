@@ -230,3 +230,14 @@ def _cut_at_stop(tokens: list[int], stops: set[int], embed_id: int) -> list[int]
         if t in stops:
             return tokens[: j + 1] if t == embed_id else tokens[:j]
     return tokens
+
+
+def reference_logits(policy: LLMEmbedder, reference, input_ids, attention_mask, rows, cols) -> torch.Tensor:
+    """The reference model's next-token logits at (rows, cols)."""
+    with torch.no_grad():
+        if reference is None:  # LoRA: the reference is the policy with its adapters off
+            with policy.model.disable_adapter():
+                hidden = policy.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask)
+            return policy.model.get_output_embeddings()(hidden.last_hidden_state[rows, cols])
+        hidden = reference.get_decoder()(input_ids=input_ids, attention_mask=attention_mask)
+        return reference.get_output_embeddings()(hidden.last_hidden_state[rows, cols])

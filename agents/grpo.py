@@ -80,7 +80,7 @@ from .checkpoint import (
     save_checkpoint,
     weights_digest,
 )
-from .embedder import LLMEmbedder
+from .embedder import LLMEmbedder, reference_logits
 from .losses import info_nce, kl_to_reference
 from .metrics_log import MetricsLog
 from .rollouts import Rollouts, group_advantages, sample_rollouts
@@ -173,17 +173,6 @@ def load_grpo_agent(path: str | Path, *, batch_size: int = 16) -> tuple[LLMEmbed
     policy.version = read_json(checkpoint, STATE)["version"]
     policy.batch_size = batch_size
     return policy, documents
-
-
-def reference_logits(policy: LLMEmbedder, reference, input_ids, attention_mask, rows, cols) -> torch.Tensor:
-    """The reference model's next-token logits at (rows, cols)."""
-    with torch.no_grad():
-        if reference is None:  # LoRA: the reference is the policy with its adapters off
-            with policy.model.disable_adapter():
-                hidden = policy.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask)
-            return policy.model.get_output_embeddings()(hidden.last_hidden_state[rows, cols])
-        hidden = reference.get_decoder()(input_ids=input_ids, attention_mask=attention_mask)
-        return reference.get_output_embeddings()(hidden.last_hidden_state[rows, cols])
 
 
 # ---------------------------------------------------------------------------------------------- losses

@@ -60,7 +60,7 @@ from .checkpoint import (
     save_checkpoint,
     weights_digest,
 )
-from .embedder import LLMEmbedder
+from .embedder import LLMEmbedder, reference_logits
 from .losses import info_nce, kl_to_reference, lm_cross_entropy, triplet_margin
 from .metrics_log import MetricsLog
 from .models import SMOLLM2, load_causal_lm, user_cache_dir
@@ -333,15 +333,7 @@ def batch_losses(embedder: LLMEmbedder, reference, cfg: SFTConfig, dataset: Retr
     head = embedder.model.get_output_embeddings()
     logits = head(q_fwd.hidden[rows, cols])  # (N response tokens, V)
     lm = lm_cross_entropy(logits, q_fwd.input_ids[rows, cols + 1])
-    with torch.no_grad():
-        ids, mask = q_fwd.input_ids, q_fwd.attention_mask
-        if reference is None:  # LoRA: the base model is the same model with adapters off
-            with embedder.model.disable_adapter():
-                ref_hidden = embedder.model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
-            ref_logits = head(ref_hidden[rows, cols])
-        else:
-            ref_hidden = reference.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
-            ref_logits = reference.get_output_embeddings()(ref_hidden[rows, cols])
+    ref_logits = reference_logits(embedder, reference, q_fwd.input_ids, q_fwd.attention_mask, rows, cols)
     kl = kl_to_reference(logits, ref_logits)
     total = cfg.w_lm * lm + cfg.w_kl * kl + cfg.w_nce * nce + cfg.w_triplet * triplet
     return {"loss": total, "loss_lm": lm, "loss_kl": kl, "loss_nce": nce, "loss_triplet": triplet}

@@ -14,16 +14,14 @@ import argparse
 import dataclasses
 import inspect
 import json
-import re
 import logging
 import os
+import re
 import sys
-import time
 from pathlib import Path
 
-from searchr3_env.evaluation import DEFAULT_METRICS, AgentEvaluation, evaluate_agent
-from searchr3_env.index import CorpusIndex, load_or_build_index
-from searchr3_env.task import RetrievalTask, resolve_dataset
+from searchr3_env.evaluation import DEFAULT_METRICS, evaluate_pair
+from searchr3_env.task import resolve_dataset
 from searchr3_env.trec_run import write_trec_run
 
 from .baselines import BASELINES, make_baseline
@@ -38,11 +36,12 @@ def default_cache_dir() -> Path:
 
 
 def evaluate_baseline(name: str, data: str, split: str, depth: int, cache_dir: Path | None, progress: bool):
-    """(evaluation, dataset, seconds spent encoding the corpus) for one baseline on one collection."""
+    """(table row, evaluation) for one baseline on one collection."""
     dataset = resolve_dataset(data)
     agent, encoder = make_baseline(name, dataset)
     # Slow encoders are worth caching; hashing takes seconds.
-    return evaluate_pair(name, agent, encoder, dataset, split, depth, cache_dir if name == "minilm" else None, progress)
+    return evaluate_pair(name, agent, encoder, dataset, split=split, depth=depth,
+                         cache_dir=cache_dir if name == "minilm" else None, progress=progress)
 
 
 def make_llm_agent(spec: str, args):
@@ -63,19 +62,6 @@ def make_llm_agent(spec: str, args):
                       **device)
 
 
-def evaluate_pair(name, agent, encoder, dataset, split: str, depth: int, cache_dir: Path | None, progress: bool):
-    """(evaluation, dataset, seconds spent encoding the corpus) for a (query agent, document encoder) pair."""
-    start = time.perf_counter()
-    if cache_dir is not None:
-        index = load_or_build_index(dataset, encoder, cache_dir, progress=progress)
-    else:
-        index = CorpusIndex.build(dataset, encoder, progress=progress)
-    encode_s = time.perf_counter() - start
-    task = RetrievalTask(dataset, encoder, index, split=split, top_k=depth)
-    evaluation = evaluate_agent(agent, task, progress=progress, desc=f"{name} on {dataset.name}")
-    return evaluation, task.dataset, encode_s
-
-
 def format_table(rows: list[dict]) -> str:
     header = ["collection", "split", "queries", "agent", *TABLE_METRICS, "index build s"]
     body = [
@@ -94,11 +80,9 @@ def cmd_demo(args) -> int:
     rows = []
     for data in args.data:
         for name in args.agents or list(BASELINES):
-            evaluation, dataset, encode_s = evaluate_baseline(
-                name, data, args.split, args.depth, args.cache_dir, not args.no_progress
-            )
-            rows.append(_row(name, dataset, evaluation, encode_s))
-            log.info("%s on %s: %s", name, dataset.name, evaluation.metrics.mean)
+            row, evaluation = evaluate_baseline(name, data, args.split, args.depth, args.cache_dir, not args.no_progress)
+            rows.append(row)
+            log.info("%s on %s: %s", name, row["collection"], evaluation.metrics.mean)
     print(format_table(rows))
     return 0
 
@@ -116,35 +100,22 @@ def cmd_pipeline(args) -> int:
     return 0
 
 
-def _row(name: str, dataset, evaluation: AgentEvaluation, encode_s: float) -> dict:
-    return {
-        "collection": dataset.name,
-        "split": dataset.split_name,
-        "queries": len(evaluation.metrics.per_query),
-        "agent": name,
-        "index_s": encode_s,
-        **evaluation.metrics.mean,
-    }
-
-
 def cmd_eval(args) -> int:
     if args.encoder.startswith("llm:"):
         agent, encoder = make_llm_agent(args.encoder[len("llm:"):], args)
         if args.reasoning:
             args.encoder += f"+reasoning{args.reasoning}"
-        evaluation, dataset, encode_s = evaluate_pair(args.encoder, agent, encoder, resolve_dataset(args.data),
-                                                      args.split, args.depth, args.cache_dir, not args.no_progress)
+        row, evaluation = evaluate_pair(args.encoder, agent, encoder, resolve_dataset(args.data), split=args.split,
+                                        depth=args.depth, cache_dir=args.cache_dir, progress=not args.no_progress)
     else:
-        evaluation, dataset, encode_s = evaluate_baseline(
-            args.encoder, args.data, args.split, args.depth, args.cache_dir, not args.no_progress
-        )
+        row, evaluation = evaluate_baseline(args.encoder, args.data, args.split, args.depth, args.cache_dir,
+                                            not args.no_progress)
     if args.run_out:
         write_trec_run(args.run_out, evaluation.run, tag=f"searchr3-{args.encoder}")
     if args.json:
-        print(json.dumps({"collection": dataset.name, "split": dataset.split_name, "agent": args.encoder,
-                          "queries": len(evaluation.metrics.per_query), **evaluation.metrics.mean}, indent=2))
+        print(json.dumps({k: v for k, v in row.items() if k != "index_s"}, indent=2))
     else:
-        print(format_table([_row(args.encoder, dataset, evaluation, encode_s)]))
+        print(format_table([row]))
     return 0
 
 

@@ -30,9 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from searchr3_env.dataset import RetrievalDataset
-from searchr3_env.evaluation import evaluate_agent
-from searchr3_env.index import CorpusIndex, load_or_build_index
-from searchr3_env.task import RetrievalTask, default_document_encoder, resolve_dataset
+from searchr3_env.evaluation import evaluate_pair
+from searchr3_env.task import default_document_encoder, resolve_dataset
 
 from . import grpo, sft
 from .models import SMOLLM2, user_cache_dir
@@ -100,15 +99,9 @@ def subset(full: RetrievalDataset, cfg: PipelineConfig) -> RetrievalDataset:
 
 
 def evaluate_row(name: str, agent, documents, data: RetrievalDataset, cache_dir: str | None, progress: bool) -> dict:
-    """One table row: the agent's test-split metrics over the documents' (cached) corpus index."""
-    start = time.perf_counter()
-    index = (load_or_build_index(data, documents, cache_dir, progress=progress) if cache_dir
-             else CorpusIndex.build(data, documents, progress=progress))
-    index_s = time.perf_counter() - start
-    task = RetrievalTask(data, documents, index, split="test", top_k=100)
-    evaluation = evaluate_agent(agent, task, progress=progress, desc=name)
-    row = {"collection": data.name, "split": "test", "queries": len(evaluation.metrics.per_query), "agent": name,
-           "index_s": index_s, **evaluation.metrics.mean}
+    """One table row: the agent's test-split metrics (top 100) over the documents' (cached) corpus index."""
+    row, evaluation = evaluate_pair(name, agent, documents, data, split="test", depth=100, cache_dir=cache_dir,
+                                    progress=progress)
     log.info("%s: %s", name, {k: round(v, 4) for k, v in evaluation.metrics.mean.items()})
     return row
 

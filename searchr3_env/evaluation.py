@@ -9,12 +9,15 @@ conventions.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from .index import CorpusIndex, load_or_build_index
 from .metrics import RunEvaluation, evaluate_run
 from .task import RetrievalTask
 from .vector_env import RetrievalVectorEnv
@@ -58,3 +61,40 @@ def evaluate_agent(
             rewards.append(reward)
             bar.update(len(chunk))
     return AgentEvaluation(evaluate_run(run, task.dataset.qrels, metrics), run, float(np.concatenate(rewards).mean()))
+
+
+def evaluate_pair(
+    name: str,
+    agent: QueryAgent,
+    encoder,
+    dataset,
+    *,
+    split: str = "test",
+    depth: int = 1000,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> tuple[dict, AgentEvaluation]:
+    """(table row, evaluation) for a (query agent, document encoder) pair on a collection.
+
+    The corpus index is loaded from ``cache_dir`` when given (built and saved
+    there otherwise) or built afresh. The row holds the collection, split,
+    number of scored queries, agent name, index build seconds (``index_s``)
+    and the mean metrics; the evaluation also has the run and per-query scores.
+    """
+    start = time.perf_counter()
+    if cache_dir is not None:
+        index = load_or_build_index(dataset, encoder, cache_dir, progress=progress)
+    else:
+        index = CorpusIndex.build(dataset, encoder, progress=progress)
+    index_s = time.perf_counter() - start
+    task = RetrievalTask(dataset, encoder, index, split=split, top_k=depth)
+    evaluation = evaluate_agent(agent, task, progress=progress, desc=f"{name} on {dataset.name}")
+    row = {
+        "collection": dataset.name,
+        "split": task.dataset.split_name,
+        "queries": len(evaluation.metrics.per_query),
+        "agent": name,
+        "index_s": index_s,
+        **evaluation.metrics.mean,
+    }
+    return row, evaluation

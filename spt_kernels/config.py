@@ -11,6 +11,8 @@ class SPTConfig:
     sparsity: int = 8  # s: each query attends to ceil(L_k / s) keys; s = 1 is exact dense causal attention
     pq_subspace_dim: int = 8  # dims per product-quantisation subspace; must divide the head dim
     pq_codewords: int = 16  # codewords per subspace (at most 256: codes are stored as uint8)
+    sink_keys: int = 1  # the first real keys of each sequence every query keeps (attention sinks); 0: none
+    keep_self: bool = True  # every query keeps its own key
     codebook_decay: float = 0.99  # EMA decay of the k-means codebook update done in training mode
     sparse_attention: bool = True  # replace the attention function with SPT sparse attention
     routed_ffn: bool = True  # replace each gated MLP with a routed FFN
@@ -26,6 +28,8 @@ class SPTConfig:
             raise ValueError(f"pq_codewords must be in [1, 256], got {self.pq_codewords}")
         if self.pq_subspace_dim < 1:
             raise ValueError(f"pq_subspace_dim must be >= 1, got {self.pq_subspace_dim}")
+        if self.sink_keys < 0:
+            raise ValueError(f"sink_keys must be >= 0, got {self.sink_keys}")
         if not 0.0 <= self.codebook_decay < 1.0:
             raise ValueError(f"codebook_decay must be in [0, 1), got {self.codebook_decay}")
         if not 1 <= self.ffn_active_blocks <= self.ffn_blocks:

@@ -32,6 +32,8 @@ class SPTAttentionState(nn.Module):
         super().__init__()
         self.pq = ProductQuantizer(head_dim, config.pq_subspace_dim, config.pq_codewords, config.codebook_decay)
         self.sparsity = config.sparsity
+        self.sink_keys = config.sink_keys
+        self.keep_self = config.keep_self
         self.backend = config.backend
         self.previous_attn_implementation = previous_attn_implementation
 
@@ -114,10 +116,14 @@ def spt_attention_forward(
         )
     if module.training and torch.is_grad_enabled() and (query.requires_grad or key.requires_grad):
         query, key = _UpdateCodebookInBackward.apply(query, key, state)
+    if not state.pq.initialized:  # codebooks from both sides: queries and keys must quantise alike
+        state.pq.initialize(torch.cat([query.reshape(-1, query.shape[-1]), key.reshape(-1, key.shape[-1])]))
     q_codes = state.pq.encode(query, state.backend)
     k_codes = state.pq.encode(key, state.backend)
     budget = candidate_budget(key.shape[2], state.sparsity)
-    idx = select_candidates(q_codes, k_codes, budget, attention_mask, state.backend)
+    idx = select_candidates(
+        q_codes, k_codes, budget, attention_mask, state.backend, sink_keys=state.sink_keys, keep_self=state.keep_self
+    )
     out = sparse_attention(query, key, value, idx, scaling, state.backend)
     return out.transpose(1, 2).contiguous(), None
 

@@ -5,8 +5,9 @@ the queries and keys of all heads of one layer. A vector's code is, per subspace
 so two vectors with many equal codes lie close in many subspaces: the number of matching codes between a query and
 a key is SPT's cheap proxy for a large attention weight.
 
-The codebooks are trained during fine-tuning by an exponential-moving-average k-means step (as in VQ-VAE), which
-needs no gradient and so works unchanged when LoRA freezes every parameter of the base model.
+The codebooks start as k-means of the first vectors they see and are trained during fine-tuning by an
+exponential-moving-average k-means step (as in VQ-VAE), which needs no gradient and so works unchanged when LoRA
+freezes every parameter of the base model.
 """
 
 import torch
@@ -15,6 +16,8 @@ from torch import nn
 from .dispatch import FLOAT_DTYPES, check_dtype, use_triton
 
 _ENCODE_CHUNK_ROWS = 2048  # rows per chunk of the reference encoder: bounds its (rows, M, C, d) temporary
+_INIT_ROWS = 8192  # vectors (evenly spaced) the initial k-means runs on
+_INIT_ITERATIONS = 10  # Lloyd iterations of the initial k-means
 
 
 def pq_encode(x: torch.Tensor, codebook: torch.Tensor, backend: str = "auto") -> torch.Tensor:
@@ -55,9 +58,11 @@ def _pq_encode_reference(rows: torch.Tensor, codebook: torch.Tensor) -> torch.Te
 class ProductQuantizer(nn.Module):
     """One layer's PQ codebooks (M subspaces x C codewords x d dims) and their EMA k-means statistics.
 
-    The codebook starts from data: the first vectors it sees (evenly spaced rows) become the codewords, so codes are
-    meaningful from the first step. In training mode `update` moves each codeword towards the mean of the vectors
-    assigned to it; with decay 0 that is exactly one Lloyd (k-means) iteration.
+    The codebook starts from data: k-means (Lloyd iterations from evenly spaced rows, deterministic) of the first
+    vectors it sees, so codes are meaningful from the first step. That matters: on SmolLM2 (s = 8) the codebook of
+    evenly spaced rows alone gives +43% zero-shot loss over dense attention, k-means +25% (+8% with attention sinks).
+    In training mode `update` moves each codeword towards the mean of the vectors assigned to it; with decay 0 that
+    is exactly one Lloyd iteration.
     """
 
     def __init__(self, head_dim: int, subspace_dim: int = 8, codewords: int = 16, decay: float = 0.99):
@@ -74,7 +79,7 @@ class ProductQuantizer(nn.Module):
     def encode(self, x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
         """uint8 codes (..., M) of x (..., D); the codebook is initialised from x if it has seen no data yet."""
         if not self.initialized:
-            self._init_from(x.detach().reshape(-1, x.shape[-1]))
+            self.initialize(x, backend)
         return pq_encode(x.detach(), self.codebook.float(), backend)
 
     @torch.no_grad()
@@ -82,30 +87,42 @@ class ProductQuantizer(nn.Module):
         """One EMA k-means step with the vectors x (..., D)."""
         rows = x.detach().reshape(-1, x.shape[-1]).float()
         if not self.initialized:
-            self._init_from(rows)
+            self.initialize(rows, backend)
+        count, total = self._assignment_stats(rows, backend)
+        ema_count = self.decay * self.ema_count.float() + (1 - self.decay) * count
+        ema_sum = self.decay * self.ema_sum.float() + (1 - self.decay) * total
+        self.ema_count.copy_(ema_count)
+        self.ema_sum.copy_(ema_sum)
+        self.codebook.copy_(self._means(ema_sum, ema_count))
+
+    def _assignment_stats(self, rows: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per (subspace, codeword): how many of `rows` (N, D) it is nearest to, (M, C), and their sum, (M, C, d)."""
         n_sub, n_codes, sub_dim = self.codebook.shape
         codes = pq_encode(rows, self.codebook.float(), backend).long()  # (N, M)
         slot = (codes + torch.arange(n_sub, device=codes.device) * n_codes).view(-1)  # (N*M,) flat (m, c) index
         ones = torch.ones(slot.shape, device=rows.device)
         count = torch.zeros(n_sub * n_codes, device=rows.device).index_add_(0, slot, ones)
         total = torch.zeros(n_sub * n_codes, sub_dim, device=rows.device).index_add_(0, slot, rows.view(-1, sub_dim))
-        ema_count = self.decay * self.ema_count.float() + (1 - self.decay) * count.view(n_sub, n_codes)
-        ema_sum = self.decay * self.ema_sum.float() + (1 - self.decay) * total.view(n_sub, n_codes, sub_dim)
-        # A codeword that never gets vectors keeps its place: its sum and count decay together.
-        used = ema_count > 1e-6
-        codebook = torch.where(used[..., None], ema_sum / ema_count.clamp_min(1e-6)[..., None], self.codebook.float())
-        self.ema_count.copy_(ema_count)
-        self.ema_sum.copy_(ema_sum)
-        self.codebook.copy_(codebook)
+        return count.view(n_sub, n_codes), total.view(n_sub, n_codes, sub_dim)
+
+    def _means(self, total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        """Codewords as the means of their vectors; a codeword with none keeps its place."""
+        used = count > 1e-6
+        return torch.where(used[..., None], total / count.clamp_min(1e-6)[..., None], self.codebook.float())
 
     @torch.no_grad()
-    def _init_from(self, rows: torch.Tensor) -> None:
+    def initialize(self, x: torch.Tensor, backend: str = "auto") -> None:
+        """Codebook := k-means of the vectors x (..., D) (at most 8192 evenly spaced ones), EMA statistics reset."""
+        rows = x.detach().reshape(-1, x.shape[-1])
         n_sub, n_codes, sub_dim = self.codebook.shape
         if rows.shape[-1] != n_sub * sub_dim:
             raise ValueError(f"vectors have dim {rows.shape[-1]}, the codebook expects {n_sub * sub_dim}")
+        rows = rows[torch.linspace(0, rows.shape[0] - 1, min(rows.shape[0], _INIT_ROWS), device=rows.device).long()]
         pick = torch.linspace(0, rows.shape[0] - 1, n_codes, device=rows.device).round().long()
-        init = rows[pick].float().view(n_codes, n_sub, sub_dim).transpose(0, 1)  # (M, C, d)
-        self.codebook.copy_(init)
-        self.ema_sum.copy_(init)
+        self.codebook.copy_(rows[pick].float().view(n_codes, n_sub, sub_dim).transpose(0, 1))  # (M, C, d)
+        for _ in range(_INIT_ITERATIONS):
+            count, total = self._assignment_stats(rows.float(), backend)
+            self.codebook.copy_(self._means(total, count))
+        self.ema_sum.copy_(self.codebook)
         self.ema_count.fill_(1.0)
         self.initialized.fill_(True)

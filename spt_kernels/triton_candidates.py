@@ -1,7 +1,8 @@
 """Triton kernel for candidate selection: exact top-`budget` keys per query by matching PQ codes, no L x L tensor.
 
-Per block of query rows, two passes over the causally visible keys:
-1. count, for every score v = 0..M, how many valid keys match the query in at least v subspaces; the threshold t is
+Kept keys (the sinks and the query's own key) score M + 1, above any number of matches. Per block of query rows,
+two passes over the causally visible keys:
+1. count, for every score v = 0..M + 1, how many valid keys match the query in at least v subspaces; the threshold t is
    the largest v with at least `budget` such keys (0 when the row has fewer valid keys than slots);
 2. walk the keys from the most recent to the oldest and write out every key scoring above t plus the first
    (budget - #above) keys scoring exactly t. That is the same set as the reference's top-k of (score, key index),
@@ -15,9 +16,21 @@ import triton.language as tl
 
 @triton.jit
 def _match_scores(
-    qc_rows, kc_base, pad_base, offs_n, row_ok, last_key, kv_len, stride_kl, M: tl.constexpr, HAS_PAD: tl.constexpr
+    qc_rows,
+    kc_base,
+    pad_base,
+    offs_n,
+    row_ok,
+    last_key,
+    kv_len,
+    stride_kl,
+    sink_lo,
+    sink_hi,
+    M: tl.constexpr,
+    HAS_PAD: tl.constexpr,
+    KEEP_SELF: tl.constexpr,
 ):
-    """Matching-code counts (BM, BN) of the query rows against keys offs_n, and which of those keys are valid.
+    """Scores (BM, BN) of the query rows against keys offs_n (matching codes; M + 1 for kept keys), and validity.
 
     One subspace at a time, so every tensor stays 2D (BM, BN) and in registers.
     """
@@ -28,6 +41,10 @@ def _match_scores(
         qc = tl.load(qc_rows + m, mask=row_ok, other=0)
         kc = tl.load(kc_rows + m, mask=key_ok, other=0)
         score += (qc[:, None] == kc[None, :]).to(tl.int32)
+    keep = ((offs_n >= sink_lo) & (offs_n < sink_hi))[None, :] & row_ok[:, None]
+    if KEEP_SELF:
+        keep = keep | (offs_n[None, :] == last_key[:, None])
+    score = tl.where(keep, M + 1, score)
     valid = row_ok[:, None] & key_ok[None, :] & (offs_n[None, :] <= last_key[:, None])
     if HAS_PAD:
         real = tl.load(pad_base + offs_n, mask=key_ok, other=0)
@@ -40,10 +57,12 @@ def _select_kernel(
     qc_ptr,  # (B, H, Lq, M) uint8, last dim contiguous
     kc_ptr,  # (B, Hkv, Lk, M) uint8, last dim contiguous
     pad_ptr,  # (B, Lk) uint8, 1 = real token (unused unless HAS_PAD)
+    sink_ptr,  # (B,) int32: position of each sequence's first real key
     out_ptr,  # (B, H, Lq, budget) int32, prefilled with -1
     q_len,
     kv_len,
     budget,
+    sink_keys,
     stride_qb, stride_qh, stride_ql,
     stride_kb, stride_kh, stride_kl,
     stride_pb,
@@ -53,6 +72,7 @@ def _select_kernel(
     M: tl.constexpr,
     N_BINS: tl.constexpr,
     HAS_PAD: tl.constexpr,
+    KEEP_SELF: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -65,19 +85,21 @@ def _select_kernel(
     qc_rows = qc_ptr + b * stride_qb + h * stride_qh + rows * stride_ql  # (BM,) pointers to each query's codes
     kc_base = kc_ptr + b * stride_kb + (h // GROUP) * stride_kh
     pad_base = pad_ptr + b * stride_pb
+    sink_lo = tl.load(sink_ptr + b)
+    sink_hi = sink_lo + sink_keys
     last_key = rows + (kv_len - q_len)  # causal limit (inclusive) of each row
     n_end = tl.minimum(kv_len, pid_m * BLOCK_M + BLOCK_M + (kv_len - q_len))  # no row of the block sees past this
     n_blocks = tl.cdiv(n_end, BLOCK_N)
 
-    # Pass 1: at_least[r, v] = number of valid keys with score >= v, for v = 0..M.
+    # Pass 1: at_least[r, v] = number of valid keys with score >= v, for v = 0..M + 1.
     bins = tl.arange(0, N_BINS)
     at_least = tl.zeros((BLOCK_M, N_BINS), tl.int32)
     for i in range(n_blocks):
         offs_n = i * BLOCK_N + tl.arange(0, BLOCK_N)
         score, valid = _match_scores(
-            qc_rows, kc_base, pad_base, offs_n, row_ok, last_key, kv_len, stride_kl, M, HAS_PAD
+            qc_rows, kc_base, pad_base, offs_n, row_ok, last_key, kv_len, stride_kl, sink_lo, sink_hi, M, HAS_PAD, KEEP_SELF
         )
-        for v in tl.static_range(M + 1):
+        for v in tl.static_range(M + 2):
             count = tl.sum((valid & (score >= v)).to(tl.int32), axis=1)  # (BM,)
             at_least += tl.where(bins[None, :] == v, count[:, None], 0)
     # at_least is non-increasing in v, so the threshold is the number of v >= 1 that still reach the budget.
@@ -92,7 +114,7 @@ def _select_kernel(
     for i in range(n_blocks):
         offs_n = (n_blocks - 1 - i) * BLOCK_N + (BLOCK_N - 1) - tl.arange(0, BLOCK_N)
         score, valid = _match_scores(
-            qc_rows, kc_base, pad_base, offs_n, row_ok, last_key, kv_len, stride_kl, M, HAS_PAD
+            qc_rows, kc_base, pad_base, offs_n, row_ok, last_key, kv_len, stride_kl, sink_lo, sink_hi, M, HAS_PAD, KEEP_SELF
         )
         tie = (valid & (score == thresh[:, None])).to(tl.int32)
         tie_rank = seen_at_thresh[:, None] + tl.cumsum(tie, axis=1) - tie  # earlier ties in this walk
@@ -104,8 +126,9 @@ def _select_kernel(
         seen_at_thresh += tl.sum(tie, axis=1)
 
 
-def select_candidates_triton(q_codes, k_codes, budget, key_padding):
+def select_candidates_triton(q_codes, k_codes, budget, key_padding, forced):
     """Triton twin of candidates._select_candidates_reference; same arguments, same output."""
+    sink_start, sink_keys, keep_self = forced
     batch, heads, q_len, n_sub = q_codes.shape
     kv_heads, kv_len = k_codes.shape[1:3]
     q_codes = q_codes.contiguous()
@@ -115,8 +138,8 @@ def select_candidates_triton(q_codes, k_codes, budget, key_padding):
     block_m, block_n = 16, 64
     grid = (triton.cdiv(q_len, block_m), batch * heads)
     _select_kernel[grid](
-        q_codes, k_codes, pad, out,
-        q_len, kv_len, budget,
+        q_codes, k_codes, pad, sink_start.contiguous(), out,
+        q_len, kv_len, budget, sink_keys,
         *q_codes.stride()[:3],
         *k_codes.stride()[:3],
         pad.stride(0),
@@ -124,8 +147,9 @@ def select_candidates_triton(q_codes, k_codes, budget, key_padding):
         H=heads,
         GROUP=heads // kv_heads,
         M=n_sub,
-        N_BINS=triton.next_power_of_2(n_sub + 2),  # scores 0..M, plus the v = M + 1 bin read for t = M
+        N_BINS=triton.next_power_of_2(n_sub + 3),  # scores 0..M + 1, plus the v = M + 2 bin read for t = M + 1
         HAS_PAD=key_padding is not None,
+        KEEP_SELF=keep_self,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
     )

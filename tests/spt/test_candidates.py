@@ -6,8 +6,11 @@ import torch
 from spt_kernels import candidate_budget, select_candidates
 
 
-def brute_force(q_codes, k_codes, budget, key_padding):
-    """Per query: rank valid keys by (matching codes, key index), keep `budget`, list them newest first, pad -1."""
+def brute_force(q_codes, k_codes, budget, key_padding, sink_keys=0, keep_self=False):
+    """Per query: rank valid keys by (matching codes, key index), keep `budget`, list them newest first, pad -1.
+
+    Kept keys (the first `sink_keys` real keys, the query's own key if `keep_self`) rank above every match count.
+    """
     batch, heads, q_len, _ = q_codes.shape
     kv_heads, kv_len = k_codes.shape[1:3]
     out = torch.full((batch, heads, q_len, budget), -1, dtype=torch.int32)
@@ -16,11 +19,14 @@ def brute_force(q_codes, k_codes, budget, key_padding):
             for i in range(q_len):
                 pos = i + kv_len - q_len
                 keys = [j for j in range(pos + 1) if key_padding is None or key_padding[b, j]]
-                scored = sorted(
-                    keys,
-                    key=lambda j: (int((q_codes[b, h, i] == k_codes[b, h // (heads // kv_heads), j]).sum()), j),
-                    reverse=True,
-                )
+                real = [j for j in range(kv_len) if key_padding is None or key_padding[b, j]]
+                kept = set(real[:sink_keys]) | ({pos} if keep_self else set())
+
+                def rank(j):
+                    matches = int((q_codes[b, h, i] == k_codes[b, h // (heads // kv_heads), j]).sum())
+                    return (q_codes.shape[-1] + 1 if j in kept else matches, j)
+
+                scored = sorted(keys, key=rank, reverse=True)
                 chosen = sorted(scored[:budget], reverse=True)
                 out[b, h, i, : len(chosen)] = torch.tensor(chosen, dtype=torch.int32)
     return out
@@ -30,20 +36,32 @@ def random_codes(batch, heads, length, n_sub, n_codes):
     return torch.randint(0, n_codes, (batch, heads, length, n_sub), dtype=torch.uint8)
 
 
+@pytest.mark.parametrize("sink_keys,keep_self", [(0, False), (2, True), (1, False), (0, True)])
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize(
-    "heads,kv_heads,q_len,kv_len,budget", [(4, 2, 20, 20, 5), (2, 1, 6, 23, 9), (2, 2, 12, 12, 12)]
+    "heads,kv_heads,q_len,kv_len,budget", [(4, 2, 20, 20, 5), (2, 1, 6, 23, 9), (2, 2, 12, 12, 12), (2, 1, 9, 9, 1)]
 )
-def test_matches_brute_force(padded, heads, kv_heads, q_len, kv_len, budget):
+def test_matches_brute_force(padded, heads, kv_heads, q_len, kv_len, budget, sink_keys, keep_self):
     q_codes = random_codes(2, heads, q_len, 4, 3)
     k_codes = random_codes(2, kv_heads, kv_len, 4, 3)
     key_padding = None
     if padded:
         key_padding = torch.ones(2, kv_len, dtype=torch.bool)
-        key_padding[1, : kv_len // 3] = False  # left padding
-    got = select_candidates(q_codes, k_codes, budget, key_padding, backend="reference")
+        key_padding[1, : kv_len // 3] = False  # left padding: sequence 1's sinks start later
+    got = select_candidates(
+        q_codes, k_codes, budget, key_padding, backend="reference", sink_keys=sink_keys, keep_self=keep_self
+    )
     assert got.dtype == torch.int32
-    assert torch.equal(got, brute_force(q_codes, k_codes, budget, key_padding))
+    assert torch.equal(got, brute_force(q_codes, k_codes, budget, key_padding, sink_keys, keep_self))
+
+
+def test_sinks_and_own_key_are_always_kept():
+    """Even against keys matching in every subspace, each query keeps the first real key and its own key."""
+    codes = torch.zeros(1, 1, 10, 4, dtype=torch.uint8)  # all keys match all queries fully
+    key_padding = torch.tensor([[False, False] + [True] * 8])
+    idx = select_candidates(codes, codes, 3, key_padding, backend="reference", sink_keys=1, keep_self=True)[0, 0]
+    for i in range(3, 10):
+        assert {2, i} <= set(idx[i].tolist()), f"row {i}: {idx[i].tolist()}"
 
 
 def test_short_rows_are_padded_with_invalid_not_real_keys():
@@ -80,3 +98,5 @@ def test_errors_name_the_bad_input():
         select_candidates(codes, codes, 5)
     with pytest.raises(ValueError, match="key_padding"):
         select_candidates(codes, codes, 2, torch.ones(1, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="sink_keys"):
+        select_candidates(codes, codes, 2, sink_keys=-1)

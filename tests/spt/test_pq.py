@@ -51,26 +51,41 @@ def test_update_with_zero_decay_is_one_lloyd_step():
     torch.testing.assert_close(pq.codebook, lloyd_step(rows, before))
 
 
-def test_updates_reduce_quantisation_error_on_clustered_data():
+def distortion(pq, rows):
+    codes = pq.encode(rows).long()  # (N, M)
+    recon = torch.stack([pq.codebook[m, codes[:, m]] for m in range(pq.codebook.shape[0])], dim=1)
+    return ((rows - recon.reshape(rows.shape)) ** 2).sum(-1).mean()
+
+
+def test_updates_follow_the_data_when_it_moves():
     centers = torch.randn(6, 16) * 4
     rows = centers[torch.randint(0, 6, (2000,))] + 0.1 * torch.randn(2000, 16)
     pq = ProductQuantizer(head_dim=16, subspace_dim=4, codewords=8, decay=0.5)
-
-    def distortion():
-        codes = pq.encode(rows).long()  # (N, M)
-        recon = torch.stack([pq.codebook[m, codes[:, m]] for m in range(4)], dim=1).reshape(-1, 16)
-        return ((rows - recon) ** 2).sum(-1).mean()
-
-    start = distortion()
+    pq.initialize(torch.randn(100, 16))  # fitted to other data: the clusters are not where it expects
+    start = distortion(pq, rows)
     for _ in range(10):
         pq.update(rows[torch.randperm(2000)[:500]])
-    assert distortion() < 0.75 * start  # k-means keeps the clusters its data-picked start covers
+    assert distortion(pq, rows) < 0.75 * start
 
 
-def test_codebook_starts_from_data_and_is_saved_in_state_dict():
+def test_codebook_starts_as_kmeans_of_the_first_data_and_is_saved_in_state_dict():
     pq = ProductQuantizer(head_dim=16, subspace_dim=8, codewords=4)
     rows = torch.randn(40, 16)
     pq.encode(rows)
     assert bool(pq.initialized)
-    assert torch.equal(pq.codebook[:, 0], rows[0].view(2, 8))  # first codeword is the first row
+    expected = rows[torch.linspace(0, 39, 4).round().long()].view(4, 2, 8).transpose(0, 1)  # evenly spaced rows...
+    for _ in range(10):  # ...then Lloyd iterations
+        expected = lloyd_step(rows, expected)
+    torch.testing.assert_close(pq.codebook, expected)
     assert set(pq.state_dict()) == {"codebook", "ema_count", "ema_sum", "initialized"}
+
+
+def test_kmeans_start_quantises_better_than_data_rows():
+    centers = torch.randn(12, 16) * 3
+    rows = centers[torch.randint(0, 12, (3000,))] + 0.5 * torch.randn(3000, 16)
+    fitted = ProductQuantizer(head_dim=16, subspace_dim=4, codewords=8)
+    fitted.initialize(rows)
+    picked = ProductQuantizer(head_dim=16, subspace_dim=4, codewords=8)
+    picked.initialize(rows)
+    picked.codebook.copy_(rows[torch.linspace(0, 2999, 8).round().long()].view(8, 4, 4).transpose(0, 1))
+    assert distortion(fitted, rows) < 0.9 * distortion(picked, rows)

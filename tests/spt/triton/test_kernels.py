@@ -52,8 +52,9 @@ def test_select_candidates(heads, kv_heads, q_len, kv_len, n_sub, sparsity):
     key_padding = torch.rand(2, kv_len, device=DEVICE) > 0.2
     budget = candidate_budget(kv_len, sparsity)
     for padding in (None, key_padding):
-        got = select_candidates(q_codes, k_codes, budget, padding, "triton")
-        assert torch.equal(got, select_candidates(q_codes, k_codes, budget, padding, "reference"))
+        for forced in ({}, {"sink_keys": 2, "keep_self": True}):
+            got = select_candidates(q_codes, k_codes, budget, padding, "triton", **forced)
+            assert torch.equal(got, select_candidates(q_codes, k_codes, budget, padding, "reference", **forced))
 
 
 def attention_case(dtype, heads, kv_heads, q_len, kv_len, head_dim):

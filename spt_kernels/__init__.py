@@ -2,12 +2,13 @@
 
     model = AutoModelForCausalLM.from_pretrained("HuggingFaceTB/SmolLM2-135M")  # any Llama / Qwen2 model
     patch_model(model, SPTConfig(sparsity=8, ffn_blocks=4, ffn_active_blocks=2))
+    calibrate(model, batches)                       # fit routers and codebooks to the pretrained model
     model = get_peft_model(model, LoraConfig(...))  # optional; before or after patching
     ...                                             # train as usual; codebooks update in the backward pass
     unpatch_model(model)                            # the original modules and attention implementation
 
 CUDA tensors run Triton kernels; everything else runs the PyTorch reference (see `dispatch`). The Hugging Face
-glue (`patch_model`, `unpatch_model`) is imported lazily so the kernels need only torch.
+glue (`patch_model`, `unpatch_model`, `calibrate`) is imported lazily so the kernels need only torch.
 """
 
 from .candidates import candidate_budget, select_candidates
@@ -20,6 +21,7 @@ __all__ = [
     "SPTConfig",
     "patch_model",
     "unpatch_model",
+    "calibrate",
     "sparse_attention",
     "select_candidates",
     "candidate_budget",
@@ -35,4 +37,8 @@ def __getattr__(name):
         from . import patching
 
         return getattr(patching, name)
+    if name == "calibrate":
+        from .calibration import calibrate
+
+        return calibrate
     raise AttributeError(f"module 'spt_kernels' has no attribute {name!r}")

@@ -18,11 +18,12 @@ from transformers.masking_utils import AttentionMaskInterface, causal_mask_funct
 
 from .candidates import candidate_budget, select_candidates
 from .config import SPTConfig
-from .pq import ProductQuantizer
+from .pq import ProductQuantizer, evenly_spaced_rows
 from .routed_mlp import RoutedMLP
 from .sparse_attention import sparse_attention
 
 ATTN_IMPLEMENTATION = "spt"
+CODEBOOK_ROWS = 4096  # query and key vectors (each, evenly spaced) a batch gives a codebook's k-means
 
 
 class SPTAttentionState(nn.Module):
@@ -36,6 +37,7 @@ class SPTAttentionState(nn.Module):
         self.keep_self = config.keep_self
         self.backend = config.backend
         self.previous_attn_implementation = previous_attn_implementation
+        self.calibration: list[torch.Tensor] | None = None  # set by `calibrate`: collects query and key rows
 
 
 class _UpdateCodebookInBackward(torch.autograd.Function):
@@ -116,8 +118,12 @@ def spt_attention_forward(
         )
     if module.training and torch.is_grad_enabled() and (query.requires_grad or key.requires_grad):
         query, key = _UpdateCodebookInBackward.apply(query, key, state)
-    if not state.pq.initialized:  # codebooks from both sides: queries and keys must quantise alike
-        state.pq.initialize(torch.cat([query.reshape(-1, query.shape[-1]), key.reshape(-1, key.shape[-1])]))
+    if not state.pq.initialized or state.calibration is not None:  # both sides: queries and keys quantise alike
+        rows = torch.cat([evenly_spaced_rows(t.detach(), CODEBOOK_ROWS) for t in (query, key)])
+        if not state.pq.initialized:
+            state.pq.initialize(rows)
+        if state.calibration is not None:
+            state.calibration.append(rows.float())
     q_codes = state.pq.encode(query, state.backend)
     k_codes = state.pq.encode(key, state.backend)
     budget = candidate_budget(key.shape[2], state.sparsity)

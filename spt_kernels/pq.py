@@ -44,6 +44,12 @@ def pq_encode(x: torch.Tensor, codebook: torch.Tensor, backend: str = "auto") ->
     return codes.view(*x.shape[:-1], n_sub)
 
 
+def evenly_spaced_rows(x: torch.Tensor, limit: int) -> torch.Tensor:
+    """At most `limit` evenly spaced rows of x (..., D) as (n, D): a deterministic sample for k-means."""
+    rows = x.reshape(-1, x.shape[-1])
+    return rows[torch.linspace(0, rows.shape[0] - 1, min(rows.shape[0], limit), device=rows.device).long()]
+
+
 def _pq_encode_reference(rows: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     n_sub, _, sub_dim = codebook.shape
     codebook = codebook.float()
@@ -113,11 +119,10 @@ class ProductQuantizer(nn.Module):
     @torch.no_grad()
     def initialize(self, x: torch.Tensor, backend: str = "auto") -> None:
         """Codebook := k-means of the vectors x (..., D) (at most 8192 evenly spaced ones), EMA statistics reset."""
-        rows = x.detach().reshape(-1, x.shape[-1])
         n_sub, n_codes, sub_dim = self.codebook.shape
-        if rows.shape[-1] != n_sub * sub_dim:
-            raise ValueError(f"vectors have dim {rows.shape[-1]}, the codebook expects {n_sub * sub_dim}")
-        rows = rows[torch.linspace(0, rows.shape[0] - 1, min(rows.shape[0], _INIT_ROWS), device=rows.device).long()]
+        if x.shape[-1] != n_sub * sub_dim:
+            raise ValueError(f"vectors have dim {x.shape[-1]}, the codebook expects {n_sub * sub_dim}")
+        rows = evenly_spaced_rows(x.detach(), _INIT_ROWS)
         pick = torch.linspace(0, rows.shape[0] - 1, n_codes, device=rows.device).round().long()
         self.codebook.copy_(rows[pick].float().view(n_codes, n_sub, sub_dim).transpose(0, 1))  # (M, C, d)
         for _ in range(_INIT_ITERATIONS):

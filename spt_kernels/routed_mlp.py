@@ -1,9 +1,10 @@
 """RoutedMLP: a drop-in replacement for a Llama-family gated MLP (Llama, Qwen2, SmolLM2) that runs the routed FFN."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .routed_ffn import route_tokens, routed_ffn
+from .routed_ffn import block_views, route_tokens, routed_ffn
 
 
 def effective_weight(linear: nn.Module) -> torch.Tensor:
@@ -37,8 +38,9 @@ class RoutedMLP(nn.Module):
     """Routed form of `down(silu(gate(x)) * up(x))`: k of n hidden-unit blocks per token, chosen by a learned router.
 
     It adopts the original MLP's gate_proj / up_proj / down_proj modules (so state-dict keys and LoRA targets are
-    unchanged) and adds `router`, a bias-free Linear(hidden, n). The original module is kept (outside the module
-    tree) for `unpatch_model`.
+    unchanged) and adds `router`, a Linear(hidden, n). The original module is kept (outside the module tree) for
+    `unpatch_model`. While `calibration` is set (by `spt_kernels.calibrate`) it computes the dense FFN and hands the
+    calibration each token's input and per-block output norms.
     """
 
     def __init__(self, mlp: nn.Module, n_blocks: int, active_blocks: int, router_init_std: float, backend: str):
@@ -54,15 +56,21 @@ class RoutedMLP(nn.Module):
             raise ValueError(f"FFN width {gate_base.out_features} is not divisible into ffn_blocks={n_blocks}")
         self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
         weight = gate_base.weight
-        self.router = nn.Linear(gate_base.in_features, n_blocks, bias=False, device=weight.device, dtype=weight.dtype)
+        self.router = nn.Linear(gate_base.in_features, n_blocks, device=weight.device, dtype=weight.dtype)
         nn.init.normal_(self.router.weight, std=router_init_std)
+        nn.init.zeros_(self.router.bias)
         self.n_blocks = n_blocks
         self.active_blocks = active_blocks
         self.backend = backend
+        self.calibration = None
         self.__dict__["dense_mlp"] = mlp  # not a submodule: neither trained, saved nor moved with this module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.reshape(-1, x.shape[-1])  # (T, hidden)
+        if self.calibration is not None:
+            y, norms = self.dense_with_block_norms(tokens)
+            self.calibration.add(tokens, norms)
+            return y.view(x.shape)
         blocks, gate = route_tokens(self.router(tokens), self.active_blocks)
         y = routed_ffn(
             tokens,
@@ -75,6 +83,14 @@ class RoutedMLP(nn.Module):
             self.backend,
         )
         return y.view(x.shape)
+
+    def dense_with_block_norms(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The dense FFN output (T, hidden) and the norm (T, n) of each block's share of it."""
+        weights = [effective_weight(p) for p in (self.gate_proj, self.up_proj, self.down_proj)]
+        w_gate, w_up, w_down = block_views(*weights, self.n_blocks)  # (n, I/n, hidden) each
+        h = F.silu(torch.einsum("th,nwh->tnw", tokens, w_gate)) * torch.einsum("th,nwh->tnw", tokens, w_up)
+        parts = torch.einsum("tnw,nwh->tnh", h, w_down)  # (T, n, hidden)
+        return parts.sum(1), parts.norm(dim=-1)
 
     def restore(self) -> nn.Module:
         """The original dense MLP, given back the (possibly LoRA-wrapped) projections this module now holds."""

@@ -3,40 +3,13 @@
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from spt_kernels import SPTConfig, patch_model, unpatch_model
 from spt_kernels.patching import SPTAttentionState
 from spt_kernels.routed_mlp import RoutedMLP
+from tiny_models import TINY, batch, logits, tiny_model
 
-TINY = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-)
 EXACT = SPTConfig(sparsity=1, ffn_blocks=4, ffn_active_blocks=4)  # every key, every FFN block: the dense model
-
-
-def tiny_model(family):
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**TINY)) if family == "llama" else Qwen2ForCausalLM(Qwen2Config(**TINY))
-    return model.eval()
-
-
-def batch(seq_len=24):
-    ids = torch.randint(0, TINY["vocab_size"], (2, seq_len))
-    mask = torch.ones(2, seq_len, dtype=torch.long)
-    mask[1, :5] = 0  # left padding on the second sequence
-    return ids, mask
-
-
-def logits(model, ids, mask):
-    with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask).logits
 
 
 @pytest.fixture(params=["llama", "qwen2"])

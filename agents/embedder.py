@@ -132,7 +132,8 @@ class LLMEmbedder:
         return [self.query_template.response_start(c) for c in self._content(texts, self.max_query_tokens)]
 
     # ------------------------------------------------------------------ forward passes
-    def _pad(self, sequences: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def pad(self, sequences: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input ids, attention mask, lengths) of right-padded sequences, on the model's device."""
         if not sequences or any(len(s) == 0 for s in sequences):
             raise ValueError("every sequence needs at least one token")
         lengths = torch.tensor([len(s) for s in sequences], dtype=torch.long)
@@ -144,7 +145,7 @@ class LLMEmbedder:
 
     def forward(self, sequences: Sequence[list[int]]) -> Forward:
         """Differentiable embeddings (and hidden states for LM losses) of sequences ending at the embed token."""
-        ids, mask, lengths = self._pad(sequences)
+        ids, mask, lengths = self.pad(sequences)
         last = ids.gather(1, (lengths - 1)[:, None]).squeeze(1)
         if (last != self.embed_id).any():
             bad = int(torch.nonzero(last != self.embed_id)[0, 0])

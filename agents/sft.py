@@ -66,6 +66,7 @@ from .metrics_log import MetricsLog
 from .models import SMOLLM2, load_causal_lm, user_cache_dir
 
 log = logging.getLogger(__name__)
+SPT_CALIBRATION_DOCS = 64  # evenly spaced corpus documents that calibrate a freshly SPT-patched model
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -152,12 +153,14 @@ def build_embedder(cfg: SFTConfig) -> LLMEmbedder:
                        max_query_tokens=cfg.max_query_tokens)
 
 
-def make_trainable(embedder: LLMEmbedder, cfg: SFTConfig):
+def make_trainable(embedder: LLMEmbedder, cfg: SFTConfig, calibration_texts: Sequence[str] = ()):
     """Wrap the model in LoRA adapters (or unfreeze it), SPT-patch it if asked; returns the frozen KL reference.
 
     SPT is patched after LoRA so its routers and codebooks train too; the KL
     reference is then the dense base model (a copy taken before patching), so
-    the KL term also pulls the sparse model towards the dense one.
+    the KL term also pulls the sparse model towards the dense one. A freshly
+    patched model has random routers: `calibration_texts` (document prompts) fit
+    them and the PQ codebooks to the pretrained model first (`spt_kernels.calibrate`).
     """
     model = embedder.model
     reference = copy.deepcopy(model).requires_grad_(False) if not cfg.lora or cfg.spt else None
@@ -172,9 +175,17 @@ def make_trainable(embedder: LLMEmbedder, cfg: SFTConfig):
                           target_modules=list(LORA_TARGETS), layers_to_transform=layers)
         embedder.model = get_peft_model(model, lora)
     if cfg.spt:
-        from spt_kernels import SPTConfig, patch_model
+        from spt_kernels import SPTConfig, calibrate, patch_model
+        from spt_kernels.patching import is_patched
 
+        if is_patched(embedder.model):  # a loaded SPT checkpoint (GRPO after SPT SFT): routers are already trained
+            return reference
         patch_model(embedder.model, SPTConfig())
+        if calibration_texts:
+            sequences, size = embedder.document_sequences(calibration_texts), embedder.batch_size
+            padded = (embedder.pad(sequences[i : i + size]) for i in range(0, len(sequences), size))
+            batches = ({"input_ids": ids, "attention_mask": mask} for ids, mask, _ in padded)
+            calibrate(embedder.model, batches, progress=cfg.progress)
     return reference  # None: the same model with its adapters disabled
 
 
@@ -377,7 +388,8 @@ def train(cfg: SFTConfig) -> Path:
     elif val_ids:
         val_pool = rerank_pool(train_split, val_ids, miner, cfg.eval_pool)
     del miner  # a hashing index of a large corpus holds hundreds of MB
-    reference = make_trainable(embedder, cfg)
+    calibration_docs = full.doc_ids[:: max(1, len(full.doc_ids) // SPT_CALIBRATION_DOCS)][:SPT_CALIBRATION_DOCS]
+    reference = make_trainable(embedder, cfg, full.document_texts(calibration_docs) if cfg.spt else ())
     embedder.name = f"{base_encoder_name(cfg)}-training"
 
     params = [p for p in embedder.model.parameters() if p.requires_grad]

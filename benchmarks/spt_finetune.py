@@ -80,7 +80,7 @@ def run_one(args) -> dict:
     from tqdm import tqdm
 
     from agents.models import load_causal_lm
-    from spt_kernels import SPTConfig, patch_model, unpatch_model
+    from spt_kernels import SPTConfig, calibrate, patch_model, unpatch_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -109,9 +109,14 @@ def run_one(args) -> dict:
         lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, target_modules=LORA_TARGETS)
         model = get_peft_model(model, lora)  # lora_dropout=0: the routed FFN folds MLP adapters into the weight
     if args.run == "spt":
-        cfg = SPTConfig(sparsity=args.sparsity, ffn_blocks=args.ffn_blocks, ffn_active_blocks=args.ffn_active)
+        cfg = SPTConfig(sparsity=args.sparsity, ffn_blocks=args.ffn_blocks, ffn_active_blocks=args.ffn_active,
+                        routed_ffn=args.ffn_active < args.ffn_blocks)
         patch_model(model, cfg)  # after LoRA, so the new routers stay trainable
         log["spt_config"] = vars(cfg)
+        if args.calibration_chunks:  # training chunks, never held-out ones
+            chunks = torch.tensor(train[-args.calibration_chunks :])
+            calibrate(model, chunks.split(args.batch), progress=False)
+        log["heldout_spt_start"] = heldout_loss(model)
     params = [p for p in model.parameters() if p.requires_grad]
     log["trainable_params"] = sum(p.numel() for p in params)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
@@ -177,6 +182,9 @@ def write_outputs(args, dense: dict, spt: dict, wall: dict, cmd: str) -> None:
     rows.append(f"| train loss, final (mean of last {k} steps) | {fd:.4f} | {fs:.4f} | {gap(fd, fs)} |")
     rows.append(f"| train loss, mean over all steps | {md:.4f} | {ms:.4f} | {gap(md, ms)} |")
     hd = dense["heldout_own"]
+    if "heldout_base" in dense and "heldout_spt_start" in spt:
+        hb, hs = dense["heldout_base"], spt["heldout_spt_start"]
+        rows.append(f"| held-out loss before fine-tuning (SPT: patched and calibrated) | {hb:.4f} | {hs:.4f} | {gap(hb, hs)} |")
     rows.append(f"| held-out loss, each under its own model (SPT run: patched) | {hd:.4f} | {spt['heldout_own']:.4f} | {gap(hd, spt['heldout_own'])} |")
     rows.append(f"| held-out loss under the *dense* model (SPT run: unpatched) | {hd:.4f} | {spt['heldout_dense_eval']:.4f} | {gap(hd, spt['heldout_dense_eval'])} |")
     rows.append(f"| mean step time, s (excl. step 1) | {td:.2f} | {ts:.2f} | x{ts / td:.2f} |")
@@ -207,8 +215,9 @@ Machine: {platform.machine()}, {os.cpu_count()} CPU cores shared with other jobs
 Setup: {setup}, AdamW lr {args.lr},
 {args.steps} steps of {args.batch} x {args.seq_len} tokens from Cranfield documents (packed, EOS-separated, seed
 {args.seed}; both runs see identical batches in identical order and get identical LoRA init, if any). SPT run:
-`SPTConfig(sparsity={args.sparsity}, ffn_blocks={args.ffn_blocks}, ffn_active_blocks={args.ffn_active})`, patched
-(after LoRA, if any, so the routers train too). Held-out: {dense['n_heldout_chunks']} chunks of {args.seq_len} tokens from the
+`SPTConfig(sparsity={args.sparsity}, ffn_blocks={args.ffn_blocks}, ffn_active_blocks={args.ffn_active})`
+(routed FFN {"off: every block active" if args.ffn_active >= args.ffn_blocks else "on"}), patched after LoRA, if any,
+so the routers train too, then calibrated (`spt_kernels.calibrate`) on {getattr(args, "calibration_chunks", 0)} training chunks. Held-out: {dense['n_heldout_chunks']} chunks of {args.seq_len} tokens from the
 last {args.heldout_docs} documents (never trained on). Base model held-out loss before fine-tuning:
 {f"{base:.4f}" if base is not None else "n/a"}.
 
@@ -246,6 +255,8 @@ def main():
     p.add_argument("--sparsity", type=int, default=8)
     p.add_argument("--ffn-blocks", type=int, default=4)
     p.add_argument("--ffn-active", type=int, default=2)
+    p.add_argument("--calibration-chunks", type=int, default=16,
+                   help="training chunks that calibrate the SPT model's routers and codebooks first (0: none)")
     p.add_argument("--heldout-docs", type=int, default=20)
     p.add_argument("--heldout-chunks", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)

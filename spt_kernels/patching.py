@@ -154,11 +154,16 @@ def _is_gated_mlp(module: nn.Module) -> bool:
     return all(hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn"))
 
 
+def is_patched(model: nn.Module) -> bool:
+    """Whether `model` holds SPT attention state or routed FFNs."""
+    return any(isinstance(m, (SPTAttentionState, RoutedMLP)) for m in model.modules())
+
+
 def patch_model(model: nn.Module, config: SPTConfig | None = None) -> nn.Module:
     """Convert `model` to SPT in place (sparse attention and/or routed FFN, per `config`) and return it."""
     config = config or SPTConfig()
     hf = _hf_model(model)
-    if any(isinstance(m, (SPTAttentionState, RoutedMLP)) for m in model.modules()):
+    if is_patched(model):
         raise RuntimeError("model is already SPT-patched; call unpatch_model first")
     previous = hf.config._attn_implementation
     attention = [m for m in model.modules() if _is_attention(m)]

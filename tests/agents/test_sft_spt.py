@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agents.sft import load_agent, train
+from agents.sft import build_embedder, load_agent, make_trainable, train
 from test_sft import tiny_config
 
 
@@ -24,3 +24,31 @@ def test_sft_with_spt_trains_and_reloads(tiny_beir, tiny_model_dir, tmp_path):
                for m in queries.model.modules())
     emb = queries.encode_queries(["a query"])
     assert emb.shape == (1, queries.dim) and np.isfinite(emb).all()
+
+
+def test_spt_switch_calibrates_the_patched_model_on_documents(tiny_beir, tiny_model_dir, tmp_path):
+    from spt_kernels.routed_mlp import RoutedMLP
+
+    cfg = tiny_config(tiny_beir, tiny_model_dir, tmp_path / "run", spt=True)
+    routers = {}
+    for texts in ((), ("a first document about wings", "a second one, about engines and fuel")):
+        embedder = build_embedder(cfg)
+        make_trainable(embedder, cfg, texts)
+        routers[bool(texts)] = [m.router.bias for m in embedder.model.modules() if isinstance(m, RoutedMLP)]
+    assert routers[False] and all((bias == 0).all() for bias in routers[False])  # a fresh router has no bias
+    assert all((bias != 0).any() for bias in routers[True])  # the calibrated one is fitted to block output norms
+
+
+def test_grpo_continues_an_spt_sft_run(tiny_beir, tiny_model_dir, tmp_path):
+    """GRPO loads the SPT-patched SFT checkpoint as it was trained (patched once, weights and routers restored)."""
+    from agents.grpo import GRPOConfig
+    from agents.grpo import train as train_grpo
+
+    sft = tiny_config(tiny_beir, tiny_model_dir, tmp_path / "sft", spt=True, max_steps=1, checkpoint_every=1)
+    train(sft)
+    cfg = GRPOConfig(data=str(tiny_beir), init=sft.output_dir, output_dir=str(tmp_path / "grpo"), queries_per_step=2,
+                     group_size=2, reasoning_tokens=2, max_steps=1, val_queries=0, refresh_pool=5, hard_negatives=2,
+                     checkpoint_every=1, progress=False)
+    train_grpo(cfg)
+    records = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert any(np.isfinite(r.get("loss", np.nan)) for r in records)

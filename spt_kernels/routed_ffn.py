@@ -3,8 +3,8 @@
     y = sum over the token's chosen blocks b of  gate_b * W_down[:, b] (silu(W_gate[b] x) * W_up[b] x)
 
 A linear router scores the n blocks per token; the top-k are run. The gate has value exactly 1 and carries the
-router's gradient: gate_b = p_b / stop_grad(p_b) with p = softmax(router logits). So the forward is precisely the
-dense FFN with the other blocks masked out (k = n gives the dense FFN, which is what the pretrained model computes),
+router's gradient: gate_b = exp(log p_b - stop_grad(log p_b)) with p = softmax(router logits). So the forward is
+precisely the dense FFN with the other blocks masked out (k = n gives the dense FFN, which is what the pretrained model computes),
 while d loss / d logits = sum_b (d loss / d gate_b) d log p_b / d logits teaches the router which blocks help.
 
 Tokens are grouped by block (a stable sort of the (token, block) pairs) and each block's tokens are multiplied
@@ -21,9 +21,9 @@ from .dispatch import FLOAT_DTYPES, check_dtype, use_triton
 def route_tokens(router_logits: torch.Tensor, active_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k blocks (T, k) int64 of each token and their gates (T, k): value 1, gradient of log-softmax."""
     work = torch.float32 if router_logits.dtype in (torch.float16, torch.bfloat16) else router_logits.dtype
-    probs = torch.softmax(router_logits.to(work), dim=-1)
-    top_p, blocks = probs.topk(active_blocks, dim=-1)
-    gate = top_p / top_p.detach()
+    log_probs = torch.log_softmax(router_logits.to(work), dim=-1)
+    top, blocks = log_probs.topk(active_blocks, dim=-1)
+    gate = torch.exp(top - top.detach())  # in log space: p / stop_grad(p) is 0/0 once a chosen p underflows
     return blocks, gate
 
 

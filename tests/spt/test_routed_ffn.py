@@ -83,6 +83,15 @@ def test_gate_is_one_and_router_gradient_is_a_log_softmax_gradient():
     torch.testing.assert_close(logits.grad, want)
 
 
+def test_gate_stays_finite_when_chosen_probabilities_underflow():
+    """A calibrated router's logits are output norms, which can differ by hundreds: softmax underflows to 0."""
+    logits = torch.tensor([[500.0, 0.0, -300.0, 1.0]], requires_grad=True)
+    blocks, gate = route_tokens(logits, 3)
+    assert torch.equal(gate.detach(), torch.ones(1, 3))
+    (gate * torch.randn(1, 3)).sum().backward()
+    assert torch.isfinite(logits.grad).all()
+
+
 def test_blocks_without_tokens_get_zero_weight_gradient():
     x = torch.randn(TOKENS, HIDDEN, dtype=torch.float64, requires_grad=True)
     weights = make_weights()

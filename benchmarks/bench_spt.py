@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from spt_kernels import (  # noqa: E402
     ProductQuantizer,
+    SPTConfig,
     candidate_budget,
     route_tokens,
     routed_ffn,
@@ -55,7 +56,8 @@ def attention_inputs(seq_len, head_dim, dtype, device, heads=9, kv_heads=3):
 def spt_attention(q, k, v, pq):
     """What a patched attention layer runs (minus the training-mode codebook update)."""
     budget = candidate_budget(k.shape[2], SPARSITY)
-    idx = select_candidates(pq.encode(q), pq.encode(k), budget)
+    defaults = SPTConfig()
+    idx = select_candidates(pq.encode(q), pq.encode(k), budget, sink_keys=defaults.sink_keys, keep_self=defaults.keep_self)
     return sparse_attention(q, k, v, idx)
 
 

@@ -1,43 +1,67 @@
-"""Fit an SPT-patched pretrained model's data-dependent parts before fine-tuning: PQ codebooks and FFN routers.
+"""Fit an SPT-patched pretrained model's data-dependent parts before fine-tuning: FFN blocks, routers, PQ codebooks.
 
 Freshly patched, a model quantises each layer's queries and keys with a codebook fitted to whatever batch came first,
-and routes tokens with random routers. The random router is what costs most: a pretrained SwiGLU FFN is not
-block-sparse, so masking the wrong half of it wrecks the model (SmolLM2-135M, 2 of 4 blocks: held-out loss 3.6 ->
-10.7) before fine-tuning has a chance to teach the router anything. `calibrate` runs a few batches through the
-model and
+and routes tokens with random routers over blocks of consecutive hidden units. The router is what costs most: a
+pretrained SwiGLU FFN is not block-sparse, so masking the wrong half of it wrecks the model (SmolLM2-135M, 2 of 4
+blocks: held-out loss 3.6 -> 11-12) before fine-tuning has a chance to teach the router anything. `calibrate` runs
+a few batches through the model (the FFNs dense, so every layer sees the pretrained model's inputs) and
 
-* fits every router by ridge regression (closed form, no gradient steps) to predict the norm of each block's
-  contribution to the dense FFN output, so top-k of the router picks the blocks that matter most for each token;
-  the FFN runs dense while calibrating, so every layer sees the inputs of the pretrained model;
-* refits every layer's PQ codebook by k-means on the queries and keys of all calibration batches.
+1. regroups each FFN's hidden units so that units that fire on the same tokens share a block (balanced k-means on
+   the units' activation profiles, as in MoEfication), so a token's important units concentrate in few blocks;
+2. fits every router by ridge regression (closed form, no gradient steps) to predict the norm of each block's
+   contribution to the FFN output, so top-k of the router picks the blocks that matter most for each token;
+3. refits every layer's PQ codebook by k-means on the queries and keys of all calibration batches.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
 from .patching import SPTAttentionState
 from .routed_mlp import RoutedMLP
 
+PROFILE_TOKENS = 2048  # tokens (evenly spaced over each batch's) whose activations describe a hidden unit
+KMEANS_ITERATIONS = 10
+
+
+class _UnitProfiles:
+    """Pass 1: per hidden unit, |activation| x |its W_down column| on a sample of calibration tokens."""
+
+    def __init__(self, per_batch: int):
+        self.per_batch = per_batch
+        self.columns: list[torch.Tensor] = []
+
+    def observe(self, mlp: RoutedMLP, tokens: torch.Tensor) -> torch.Tensor:
+        y, h, w_down = mlp.dense_with_unit_activations(tokens)
+        pick = torch.linspace(0, len(h) - 1, min(len(h), self.per_batch), device=h.device).long()
+        self.columns.append((h[pick].abs() * w_down.norm(dim=0)).T.float().cpu())  # (I, tokens)
+        return y
+
+    def unit_order(self, n_blocks: int) -> torch.Tensor:
+        return balanced_kmeans_order(torch.cat(self.columns, dim=1), n_blocks)
 
 
 class _RouterFit:
-    """Running normal equations of one router's ridge regression: block-norm targets from [x, 1]."""
+    """Pass 2: running normal equations of one router's ridge regression, block-norm targets from [x, 1]."""
 
     def __init__(self, hidden: int, n_blocks: int):
         self.gram = torch.zeros(hidden + 1, hidden + 1, dtype=torch.float64)
         self.cross = torch.zeros(hidden + 1, n_blocks, dtype=torch.float64)
         self.tokens = 0
 
-    def add(self, x: torch.Tensor, norms: torch.Tensor) -> None:
-        features = torch.cat([x, torch.ones_like(x[:, :1])], dim=1).double().cpu()
+    def observe(self, mlp: RoutedMLP, tokens: torch.Tensor) -> torch.Tensor:
+        y, norms = mlp.dense_with_block_norms(tokens)
+        features = torch.cat([tokens, torch.ones_like(tokens[:, :1])], dim=1).double().cpu()
         self.gram += features.T @ features
         self.cross += features.T @ norms.double().cpu()
-        self.tokens += len(x)
+        self.tokens += len(tokens)
+        return y
 
     def solve(self, ridge: float) -> torch.Tensor:
         """(n_blocks, hidden + 1): weights and bias; ridge is relative to the mean diagonal of the Gram matrix."""
@@ -46,35 +70,75 @@ class _RouterFit:
         return torch.linalg.solve(self.gram + scale * eye, self.cross).T
 
 
-@torch.no_grad()
-def calibrate(model: nn.Module, batches: Iterable, ridge: float = 1e-3, progress: bool = True) -> dict:
-    """Fit routers and codebooks of the SPT-patched `model` on `batches` (input-id tensors or dicts of model kwargs).
+def balanced_kmeans_order(profiles: torch.Tensor, n_blocks: int) -> torch.Tensor:
+    """A permutation of the rows of `profiles` (I, d) putting similar rows (cosine) into n equal consecutive blocks.
 
+    Spherical k-means whose assignment step fills blocks greedily, most similar (row, centroid) pairs first, so
+    every block gets exactly I / n rows; deterministic (centroids start at evenly spaced rows).
+    """
+    units = profiles.shape[0]
+    capacity = units // n_blocks
+    rows = F.normalize(profiles.float(), dim=1)
+    centroids = rows[torch.linspace(0, units - 1, n_blocks).long()]
+    assign = np.zeros(units, dtype=np.int64)
+    for _ in range(KMEANS_ITERATIONS):
+        similarity = (rows @ centroids.T).numpy()  # (I, n)
+        assign.fill(-1)
+        filled = np.zeros(n_blocks, dtype=np.int64)
+        for flat in np.argsort(-similarity, axis=None, kind="stable"):
+            unit, block = divmod(int(flat), n_blocks)
+            if assign[unit] < 0 and filled[block] < capacity:
+                assign[unit] = block
+                filled[block] += 1
+        members = torch.from_numpy(assign)
+        centroids = F.normalize(torch.stack([rows[members == b].mean(0) for b in range(n_blocks)]), dim=1)
+    return torch.from_numpy(np.argsort(assign, kind="stable"))
+
+
+def _run(model: nn.Module, batches: list, desc: str, progress: bool) -> None:
+    for batch in tqdm(batches, desc=desc, disable=not progress):
+        if isinstance(batch, dict):
+            model(**batch)
+        else:
+            model(input_ids=batch)
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: Iterable, ridge: float = 1e-3, regroup: bool = True,
+              progress: bool = True) -> dict:
+    """Fit the SPT-patched `model` on `batches` (input-id tensors or dicts of model kwargs): see the module doc.
+
+    regroup=False keeps each FFN's blocks as they are (consecutive units, or an earlier calibration's grouping).
     Returns a summary: batches and tokens seen, layers fitted.
     """
     mlps = [m for m in model.modules() if isinstance(m, RoutedMLP)]
     attention = [m.spt for m in model.modules() if isinstance(getattr(m, "spt", None), SPTAttentionState)]
     if not mlps and not attention:
         raise ValueError("calibrate needs an SPT-patched model: call spt_kernels.patch_model first")
-    fits = {mlp: _RouterFit(mlp.router.in_features, mlp.n_blocks) for mlp in mlps}
-    for mlp in mlps:
-        mlp.calibration = fits[mlp]
-    rows = {state: [] for state in attention}
-    for state in attention:
-        state.calibration = rows[state]
+    batches = list(batches)
+    if not batches:
+        raise ValueError("calibrate got no batches")
     was_training = model.training
     model.eval()
-    batches_seen = 0
     try:
-        for batch in tqdm(batches, desc="SPT calibration", disable=not progress):
-            model(**batch) if isinstance(batch, dict) else model(input_ids=batch)
-            batches_seen += 1
+        if regroup and mlps:
+            profiles = {mlp: _UnitProfiles(max(1, PROFILE_TOKENS // len(batches))) for mlp in mlps}
+            for mlp in mlps:
+                mlp.calibration = profiles[mlp]
+            _run(model, batches, "SPT calibration: FFN blocks", progress)
+            for mlp in mlps:
+                mlp.unit_order.copy_(mlp.unit_order[profiles[mlp].unit_order(mlp.n_blocks).to(mlp.unit_order.device)])
+        fits = {mlp: _RouterFit(mlp.router.in_features, mlp.n_blocks) for mlp in mlps}
+        for mlp in mlps:
+            mlp.calibration = fits[mlp]
+        rows = {state: [] for state in attention}
+        for state in attention:
+            state.calibration = rows[state]
+        _run(model, batches, "SPT calibration: routers, codebooks", progress)
     finally:
         model.train(was_training)
         for module in [*mlps, *attention]:
             module.calibration = None
-    if not batches_seen:
-        raise ValueError("calibrate got no batches")
     for state, chunks in rows.items():
         state.pq.initialize(torch.cat(chunks))
     for mlp, fit in fits.items():
@@ -82,7 +146,7 @@ def calibrate(model: nn.Module, batches: Iterable, ridge: float = 1e-3, progress
         mlp.router.weight.copy_(solution[:, :-1])
         mlp.router.bias.copy_(solution[:, -1])
     return {
-        "batches": batches_seen,
+        "batches": len(batches),
         "tokens": fits[mlps[0]].tokens if mlps else None,
         "router_fit_layers": len(mlps),
         "codebook_layers": len(attention),

@@ -38,9 +38,10 @@ class RoutedMLP(nn.Module):
     """Routed form of `down(silu(gate(x)) * up(x))`: k of n hidden-unit blocks per token, chosen by a learned router.
 
     It adopts the original MLP's gate_proj / up_proj / down_proj modules (so state-dict keys and LoRA targets are
-    unchanged) and adds `router`, a Linear(hidden, n). The original module is kept (outside the module tree) for
-    `unpatch_model`. While `calibration` is set (by `spt_kernels.calibrate`) it computes the dense FFN and hands the
-    calibration each token's input and per-block output norms.
+    unchanged) and adds `router`, a Linear(hidden, n), and `unit_order`, the hidden units in block order (block b
+    runs units unit_order[b * I/n : (b+1) * I/n]); `calibrate` regroups units that fire together into one block,
+    without touching the weights. The original module is kept (outside the module tree) for `unpatch_model`. While
+    `calibration` is set (by `calibrate`) the forward hands the tokens to it and returns the dense FFN's output.
     """
 
     def __init__(self, mlp: nn.Module, n_blocks: int, active_blocks: int, router_init_std: float, backend: str):
@@ -59,6 +60,7 @@ class RoutedMLP(nn.Module):
         self.router = nn.Linear(gate_base.in_features, n_blocks, device=weight.device, dtype=weight.dtype)
         nn.init.normal_(self.router.weight, std=router_init_std)
         nn.init.zeros_(self.router.bias)
+        self.register_buffer("unit_order", torch.arange(gate_base.out_features, device=weight.device))
         self.n_blocks = n_blocks
         self.active_blocks = active_blocks
         self.backend = backend
@@ -68,26 +70,27 @@ class RoutedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.reshape(-1, x.shape[-1])  # (T, hidden)
         if self.calibration is not None:
-            y, norms = self.dense_with_block_norms(tokens)
-            self.calibration.add(tokens, norms)
-            return y.view(x.shape)
+            return self.calibration.observe(self, tokens).view(x.shape)
         blocks, gate = route_tokens(self.router(tokens), self.active_blocks)
-        y = routed_ffn(
-            tokens,
-            effective_weight(self.gate_proj),
-            effective_weight(self.up_proj),
-            effective_weight(self.down_proj),
-            blocks,
-            gate,
-            self.n_blocks,
-            self.backend,
-        )
+        y = routed_ffn(tokens, *self.block_ordered_weights(), blocks, gate, self.n_blocks, self.backend)
         return y.view(x.shape)
+
+    def block_ordered_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """W_gate, W_up (I, hidden) and W_down (hidden, I), LoRA included, hidden units in `unit_order`."""
+        w_gate, w_up, w_down = (effective_weight(p) for p in (self.gate_proj, self.up_proj, self.down_proj))
+        if torch.equal(self.unit_order, torch.arange(len(self.unit_order), device=self.unit_order.device)):
+            return w_gate, w_up, w_down  # not regrouped: no weight copies
+        return w_gate[self.unit_order], w_up[self.unit_order], w_down[:, self.unit_order]
+
+    def dense_with_unit_activations(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The dense FFN output (T, hidden), the hidden activations h (T, I) and W_down (hidden, I), in `unit_order`."""
+        w_gate, w_up, w_down = self.block_ordered_weights()
+        h = F.silu(tokens @ w_gate.T) * (tokens @ w_up.T)
+        return h @ w_down.T, h, w_down
 
     def dense_with_block_norms(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The dense FFN output (T, hidden) and the norm (T, n) of each block's share of it."""
-        weights = [effective_weight(p) for p in (self.gate_proj, self.up_proj, self.down_proj)]
-        w_gate, w_up, w_down = block_views(*weights, self.n_blocks)  # (n, I/n, hidden) each
+        w_gate, w_up, w_down = block_views(*self.block_ordered_weights(), self.n_blocks)  # (n, I/n, hidden) each
         h = F.silu(torch.einsum("th,nwh->tnw", tokens, w_gate)) * torch.einsum("th,nwh->tnw", tokens, w_up)
         parts = torch.einsum("tnw,nwh->tnh", h, w_down)  # (T, n, hidden)
         return parts.sum(1), parts.norm(dim=-1)

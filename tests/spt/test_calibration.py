@@ -37,7 +37,7 @@ def block_norm_targets(model, batches):
 def test_router_is_the_least_squares_fit_of_block_output_norms():
     model = patch_model(tiny_model("llama"), SPTConfig(sparsity=1, ffn_blocks=4, ffn_active_blocks=2))
     batches = [torch.randint(0, TINY["vocab_size"], (2, 16)) for _ in range(3)]
-    summary = calibrate(model, batches, ridge=0.0, progress=False)
+    summary = calibrate(model, batches, ridge=0.0, regroup=False, progress=False)
     assert summary == {"batches": 3, "tokens": 96, "router_fit_layers": 2, "codebook_layers": 2}
     # The calibration ran the FFN dense, so a dense model (all blocks) sees the same inputs.
     model.model.layers[0].mlp.active_blocks = 4
@@ -50,16 +50,18 @@ def test_router_is_the_least_squares_fit_of_block_output_norms():
 
 
 class BlockStructuredFFN(torch.nn.Module):
-    """A RoutedMLP whose block b fires for inputs along direction u_b: the blocks that matter depend on the token."""
+    """A RoutedMLP whose units form groups that fire for inputs along direction u_g: which units matter depends on
+    the token. `interleaved` spreads every group over all blocks (unit i in group i % n) instead of one block each."""
 
-    def __init__(self, n_blocks=4, hidden=32, width=16):
+    def __init__(self, n_blocks=4, hidden=32, width=16, interleaved=False):
         super().__init__()
         torch.manual_seed(0)
         self.directions = torch.nn.functional.normalize(torch.randn(n_blocks, hidden), dim=1)
         mlp = LlamaMLP(LlamaConfig(hidden_size=hidden, intermediate_size=n_blocks * width))
+        units = torch.arange(n_blocks * width)
+        group = units % n_blocks if interleaved else units // width
         with torch.no_grad():
-            for b in range(n_blocks):
-                mlp.gate_proj.weight[b * width : (b + 1) * width] = 0.1 * torch.randn(width, hidden) + 2 * self.directions[b]
+            mlp.gate_proj.weight.copy_(0.1 * torch.randn(n_blocks * width, hidden) + 2 * self.directions[group])
         self.mlp = RoutedMLP(mlp, n_blocks, active_blocks=1, router_init_std=0.02, backend="reference")
 
     def tokens(self, n):
@@ -69,15 +71,36 @@ class BlockStructuredFFN(torch.nn.Module):
         return self.mlp(x)
 
 
-def test_calibrated_router_picks_the_blocks_that_matter():
+def routing_error(model, x, dense):
+    with torch.no_grad():
+        return ((model(x) - dense) ** 2).sum() / (dense**2).sum()
+
+
+@pytest.mark.parametrize("regroup", [False, True])
+def test_calibrated_router_picks_the_blocks_that_matter(regroup):
     model = BlockStructuredFFN()
     x = model.tokens(256)
-    with torch.no_grad():
-        dense = model.mlp.dense_with_block_norms(x)[0]
-        random_error = ((model(x) - dense) ** 2).sum()
-        calibrate(model, [{"x": model.tokens(128)} for _ in range(4)], progress=False)
-        calibrated_error = ((model(x) - dense) ** 2).sum()
-    assert calibrated_error < 0.2 * random_error, (calibrated_error, random_error)
+    dense = model.mlp.dense_with_block_norms(x)[0].detach()
+    random_error = routing_error(model, x, dense)
+    calibrate(model, [{"x": model.tokens(128)} for _ in range(4)], regroup=regroup, progress=False)
+    assert routing_error(model, x, dense) < 0.2 * random_error
+
+
+def test_regrouping_gathers_units_that_fire_together_into_one_block():
+    model = BlockStructuredFFN(interleaved=True)  # every block holds a quarter of every group: no block choice works
+    x = model.tokens(256)
+    dense = model.mlp.dense_with_block_norms(x)[0].detach()
+    calibrate(model, [{"x": model.tokens(128)} for _ in range(4)], regroup=False, progress=False)
+    kept_blocks = routing_error(model, x, dense)
+    calibrate(model, [{"x": model.tokens(128)} for _ in range(4)], progress=False)
+    order = model.mlp.unit_order
+    assert sorted(order.tolist()) == list(range(64))
+    groups = (order % 4).view(4, 16)  # the group of each unit, block by block
+    assert all(len(set(g.tolist())) == 1 for g in groups), groups
+    assert routing_error(model, x, dense) < 0.2 * kept_blocks
+    with torch.no_grad():  # all blocks active: the regrouped FFN is still exactly the dense FFN
+        model.mlp.active_blocks = 4
+        torch.testing.assert_close(model(x), dense, atol=1e-5, rtol=1e-5)
 
 
 def test_codebooks_are_refit_on_all_batches_and_the_model_is_left_as_it_was():
@@ -97,3 +120,15 @@ def test_calibrate_refuses_an_unpatched_model_and_no_batches():
         calibrate(tiny_model("llama"), [torch.zeros(1, 4, dtype=torch.long)])
     with pytest.raises(ValueError, match="no batches"):
         calibrate(patch_model(tiny_model("llama")), [], progress=False)
+
+
+def test_calibrated_model_with_every_key_and_block_is_still_the_dense_model():
+    dense = tiny_model("qwen2")
+    ids, mask = batch()
+    want = logits(dense, ids, mask)
+    model = patch_model(tiny_model("qwen2"), SPTConfig(sparsity=1, ffn_blocks=4, ffn_active_blocks=4))
+    calibrate(model, [torch.randint(0, TINY["vocab_size"], (2, 16)) for _ in range(2)], progress=False)
+    assert any(not torch.equal(m.unit_order, torch.arange(128)) for m in model.modules() if isinstance(m, RoutedMLP))
+    assert any(k.endswith("mlp.unit_order") for k in model.state_dict())  # checkpoints keep the grouping
+    real = mask.bool()
+    torch.testing.assert_close(logits(model, ids, mask)[real], want[real], atol=1e-5, rtol=1e-5)

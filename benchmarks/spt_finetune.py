@@ -117,6 +117,10 @@ def run_one(args) -> dict:
             chunks = torch.tensor(train[-args.calibration_chunks :])
             calibrate(model, chunks.split(args.batch), progress=False)
         log["heldout_spt_start"] = heldout_loss(model)
+        if args.freeze_routers:  # diagnostic: keep the calibrated block choices' router fixed during fine-tuning
+            for name, p in model.named_parameters():
+                if ".router." in name:
+                    p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     log["trainable_params"] = sum(p.numel() for p in params)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
@@ -256,6 +260,7 @@ def main():
     p.add_argument("--ffn-active", type=int, default=2)
     p.add_argument("--calibration-chunks", type=int, default=16,
                    help="training chunks that calibrate the SPT model's routers and codebooks first (0: none)")
+    p.add_argument("--freeze-routers", action="store_true", help="SPT run: do not train the FFN routers")
     p.add_argument("--heldout-docs", type=int, default=20)
     p.add_argument("--heldout-chunks", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)

@@ -2,7 +2,9 @@
 
 A checkpoint is a folder ``<run>/checkpoints/step-NNNNNN/`` holding
 
-* ``weights.safetensors``: the trainable parameters (LoRA adapters, or every weight when fully fine-tuned);
+* ``weights.safetensors``: the trainable parameters (LoRA adapters, or every weight when fully fine-tuned) and the
+  persistent buffers (state changed without gradients: SPT's codebooks and FFN block order; a plain Hugging Face
+  model has none);
 * ``optimizer.pt``: optimiser and learning-rate schedule state;
 * ``rng.pt``: Python, NumPy and torch random states;
 * ``config.json``: the run's configuration, enough to rebuild the model;
@@ -38,7 +40,11 @@ class CheckpointError(ValueError):
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    """The trainable parameters and the persistent buffers of ``model``, by name."""
+    buffers = {name for name, _ in model.named_buffers()}
+    state = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    state.update((n, b) for n, b in model.state_dict().items() if n in buffers)  # persistent ones only
+    return {n: t.detach().cpu().contiguous() for n, t in state.items()}
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, config: dict, state: dict,
@@ -93,9 +99,9 @@ def read_json(checkpoint: Path, name: str) -> dict:
 
 
 def load_weights(checkpoint: Path, model) -> None:
-    """Copy the saved trainable parameters into ``model`` (names and shapes must match)."""
+    """Copy the saved trainable parameters and buffers into ``model`` (names and shapes must match)."""
     saved = load_file(Path(checkpoint) / WEIGHTS)
-    params = dict(model.named_parameters())
+    params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     unknown = sorted(set(saved) - set(params))
     if unknown:
         raise CheckpointError(f"{checkpoint}: weights {unknown[:3]} do not exist in the model (another setup?)")

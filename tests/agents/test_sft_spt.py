@@ -22,6 +22,16 @@ def test_sft_with_spt_trains_and_reloads(tiny_beir, tiny_model_dir, tmp_path):
     queries, _ = load_agent(checkpoint)
     assert any("spt" in type(m).__name__.lower() or "routed" in type(m).__name__.lower()
                for m in queries.model.modules())
+    # The calibrated block order and the codebooks come back with the routers that were trained with them.
+    from safetensors.torch import load_file
+    from spt_kernels.routed_mlp import RoutedMLP
+
+    saved = load_file(checkpoint / "weights.safetensors")
+    buffers = dict(queries.model.named_buffers())
+    spt_state = [n for n in saved if n.endswith(("unit_order", "pq.codebook", "pq.initialized"))]
+    assert spt_state and all(torch.equal(buffers[n], saved[n]) for n in spt_state)
+    orders = [m.unit_order for m in queries.model.modules() if isinstance(m, RoutedMLP)]
+    assert any(not torch.equal(o, torch.arange(len(o))) for o in orders)  # regrouped by calibration, not reset
     emb = queries.encode_queries(["a query"])
     assert emb.shape == (1, queries.dim) and np.isfinite(emb).all()
 

@@ -38,10 +38,10 @@ class _UnitProfiles:
         self.columns: list[torch.Tensor] = []
 
     def observe(self, mlp: RoutedMLP, tokens: torch.Tensor) -> torch.Tensor:
-        y, h, w_down = mlp.dense_with_unit_activations(tokens)
+        h, w_down = mlp.unit_activations(tokens)
         pick = torch.linspace(0, len(h) - 1, min(len(h), self.per_batch), device=h.device).long()
         self.columns.append((h[pick].abs() * w_down.norm(dim=0)).T.float().cpu())  # (I, tokens)
-        return y
+        return h @ w_down.T
 
     def unit_order(self, n_blocks: int) -> torch.Tensor:
         return balanced_kmeans_order(torch.cat(self.columns, dim=1), n_blocks)

@@ -122,11 +122,11 @@ class ProductQuantizer(nn.Module):
         n_sub, n_codes, sub_dim = self.codebook.shape
         if x.shape[-1] != n_sub * sub_dim:
             raise ValueError(f"vectors have dim {x.shape[-1]}, the codebook expects {n_sub * sub_dim}")
-        rows = evenly_spaced_rows(x.detach(), _INIT_ROWS)
+        rows = evenly_spaced_rows(x.detach(), _INIT_ROWS).float()
         pick = torch.linspace(0, rows.shape[0] - 1, n_codes, device=rows.device).round().long()
-        self.codebook.copy_(rows[pick].float().view(n_codes, n_sub, sub_dim).transpose(0, 1))  # (M, C, d)
+        self.codebook.copy_(rows[pick].view(n_codes, n_sub, sub_dim).transpose(0, 1))  # (M, C, d)
         for _ in range(_INIT_ITERATIONS):
-            count, total = self._assignment_stats(rows.float(), backend)
+            count, total = self._assignment_stats(rows, backend)
             self.codebook.copy_(self._means(total, count))
         self.ema_sum.copy_(self.codebook)
         self.ema_count.fill_(1.0)

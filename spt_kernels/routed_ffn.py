@@ -101,7 +101,7 @@ def _kernels(triton_path: bool):
     return grouped_matmul_reference, grouped_matmul_tn_reference
 
 
-def block_views(w_gate, w_up, w_down, n_blocks):
+def _block_views(w_gate, w_up, w_down, n_blocks):
     """Per-block weights: gate/up (n, I/n, hidden) and down (n, I/n, hidden) as down[:, block].T; views (no copies)
     of contiguous nn.Linear weights."""
     inner, hidden = w_gate.shape
@@ -118,7 +118,7 @@ class _RoutedFFN(torch.autograd.Function):
     def forward(ctx, x, w_gate, w_up, w_down, blocks, gate, n_blocks, triton_path):
         matmul, _ = _kernels(triton_path)
         order, token, offsets = _group_by_block(blocks, n_blocks)
-        wg, wu, wd = block_views(w_gate, w_up, w_down, n_blocks)
+        wg, wu, wd = _block_views(w_gate, w_up, w_down, n_blocks)
         xs = x[token]  # (P, hidden): each token once per chosen block, grouped by block
         pre_gate = matmul(xs, wg.transpose(1, 2), offsets)  # (P, I/n)
         pre_up = matmul(xs, wu.transpose(1, 2), offsets)
@@ -134,7 +134,7 @@ class _RoutedFFN(torch.autograd.Function):
         x, w_gate, w_up, w_down, order, token, offsets, pre_gate, pre_up, gate_sorted = ctx.saved_tensors
         matmul, matmul_tn = _kernels(ctx.triton_path)
         need_x, need_wg, need_wu, need_wd, _, need_gate = ctx.needs_input_grad[:6]
-        wg, wu, wd = block_views(w_gate, w_up, w_down, ctx.n_blocks)
+        wg, wu, wd = _block_views(w_gate, w_up, w_down, ctx.n_blocks)
         dys = dy[token]  # (P, hidden)
         sig = torch.sigmoid(pre_gate)
         act = pre_gate * sig

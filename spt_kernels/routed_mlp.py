@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .routed_ffn import block_views, route_tokens, routed_ffn
+from .routed_ffn import route_tokens, routed_ffn
 
 
 def effective_weight(linear: nn.Module) -> torch.Tensor:
@@ -82,17 +82,16 @@ class RoutedMLP(nn.Module):
             return w_gate, w_up, w_down  # not regrouped: no weight copies
         return w_gate[self.unit_order], w_up[self.unit_order], w_down[:, self.unit_order]
 
-    def dense_with_unit_activations(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The dense FFN output (T, hidden), the hidden activations h (T, I) and W_down (hidden, I), in `unit_order`."""
+    def unit_activations(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The dense FFN's hidden activations h (T, I) and W_down (hidden, I), units in `unit_order`."""
         w_gate, w_up, w_down = self.block_ordered_weights()
-        h = F.silu(tokens @ w_gate.T) * (tokens @ w_up.T)
-        return h @ w_down.T, h, w_down
+        return F.silu(tokens @ w_gate.T) * (tokens @ w_up.T), w_down
 
     def dense_with_block_norms(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The dense FFN output (T, hidden) and the norm (T, n) of each block's share of it."""
-        w_gate, w_up, w_down = block_views(*self.block_ordered_weights(), self.n_blocks)  # (n, I/n, hidden) each
-        h = F.silu(torch.einsum("th,nwh->tnw", tokens, w_gate)) * torch.einsum("th,nwh->tnw", tokens, w_up)
-        parts = torch.einsum("tnw,nwh->tnh", h, w_down)  # (T, n, hidden)
+        h, w_down = self.unit_activations(tokens)
+        n = self.n_blocks
+        parts = torch.einsum("tnw,hnw->tnh", h.view(len(h), n, -1), w_down.view(len(w_down), n, -1))  # (T, n, hidden)
         return parts.sum(1), parts.norm(dim=-1)
 
     def restore(self) -> nn.Module:

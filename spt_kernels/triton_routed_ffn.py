@@ -4,7 +4,7 @@
 - grouped_matmul_triton:    out[rows of g] = a[rows of g] @ b[g]         (forward, dX, dH)
 - grouped_matmul_tn_triton: out[g] = a[rows of g].T @ c[rows of g]       (weight gradients, per block)
 
-b and out are 3D strided views of the nn.Linear weights (see routed_ffn.block_views), so no weight is copied.
+b and out are 3D strided views of the nn.Linear weights (see routed_ffn._block_views), so no weight is copied.
 Row tiles never straddle two groups: a tile table (group, first row) is built on the device from the offsets,
 sized by the static bound cdiv(P, BLOCK_M) + G, so launching needs no host synchronisation.
 """

@@ -7,6 +7,10 @@ folder, so the tests go through the same loading path as a real model.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -99,3 +103,29 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def train_until_killed():
+    """Run ``<module>.train(config)`` in a child process that is SIGKILLed (no cleanup) right after it logs
+    ``key`` at ``step``: its log then holds a step that its last checkpoint does not."""
+
+    def run(module: str, config, step: int, key: str) -> None:
+        script = f"""
+import os, signal, torch
+torch.set_num_threads(1)
+import {module} as trainer
+write = trainer.MetricsLog.write
+def write_then_die(self, step, **values):
+    write(self, step, **values)
+    if step == {step} and {key!r} in values:
+        os.kill(os.getpid(), signal.SIGKILL)
+trainer.MetricsLog.write = write_then_die
+trainer.train(trainer.{type(config).__name__}(**{asdict(config)!r}))
+"""
+        root = Path(__file__).parents[2]
+        child = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True,
+                               env={**os.environ, "PYTHONPATH": str(root)})
+        assert child.returncode == -9, child.stderr[-2000:]
+
+    return run

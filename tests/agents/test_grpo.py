@@ -1,9 +1,6 @@
 """The GRPO stage on a tiny random Llama: reward improves, documents refresh, exact resume after a kill, the CLI."""
 
 import json
-import os
-import subprocess
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -66,26 +63,10 @@ def test_reward_improves_and_documents_refresh(finished_run):
     assert checkpoint.name == "step-000012"
 
 
-def test_resume_after_a_kill_repeats_the_uninterrupted_run(finished_run, tmp_path):
+def test_resume_after_a_kill_repeats_the_uninterrupted_run(finished_run, train_until_killed, tmp_path):
     reference_cfg, _ = finished_run
     cfg = GRPOConfig(**{**asdict(reference_cfg), "output_dir": str(tmp_path / "killed")})
-    # Killed (SIGKILL, no cleanup) right after logging step 5; the last checkpoint is step 4.
-    script = f"""
-import os, signal, torch
-torch.set_num_threads(1)
-import agents.grpo as grpo
-write = grpo.MetricsLog.write
-def write_then_die(self, step, **values):
-    write(self, step, **values)
-    if step == 5 and "reward" in values:
-        os.kill(os.getpid(), signal.SIGKILL)
-grpo.MetricsLog.write = write_then_die
-grpo.train(grpo.GRPOConfig(**{asdict(cfg)!r}))
-"""
-    root = Path(__file__).parents[2]
-    child = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True,
-                           env={**os.environ, "PYTHONPATH": str(root)})
-    assert child.returncode == -9, child.stderr[-2000:]
+    train_until_killed("agents.grpo", cfg, step=5, key="reward")  # the last checkpoint is step 4
     assert (Path(cfg.output_dir) / "latest").read_text() == "step-000004"
     train(cfg)
     assert records(cfg.output_dir) == records(reference_cfg.output_dir)

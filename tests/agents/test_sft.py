@@ -2,9 +2,6 @@
 
 import json
 import logging
-import os
-import subprocess
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -54,26 +51,10 @@ def test_a_run_writes_checkpoints_metrics_and_a_plot(finished_run):
     assert [e["step"] for e in evals] == [0, 6]
 
 
-def test_resume_after_a_kill_repeats_the_uninterrupted_losses(finished_run, tiny_beir, tiny_model_dir, tmp_path):
+def test_resume_after_a_kill_repeats_the_uninterrupted_losses(finished_run, train_until_killed, tmp_path):
     reference_cfg, _ = finished_run
     cfg = SFTConfig(**{**asdict(reference_cfg), "output_dir": str(tmp_path / "killed")})
-    # A child process trains and is SIGKILLed right after logging step 3 (checkpoint at step 2):
-    # no cleanup runs, and the log holds a step the checkpoint does not.
-    script = f"""
-import os, signal, torch
-torch.set_num_threads(1)
-import agents.sft as sft
-write = sft.MetricsLog.write
-def write_then_die(self, step, **values):
-    write(self, step, **values)
-    if step == 3 and "loss" in values:
-        os.kill(os.getpid(), signal.SIGKILL)
-sft.MetricsLog.write = write_then_die
-sft.train(sft.SFTConfig(**{asdict(cfg)!r}))
-"""
-    child = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[2], capture_output=True,
-                           text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
-    assert child.returncode == -9, child.stderr[-2000:]
+    train_until_killed("agents.sft", cfg, step=3, key="loss")  # the last checkpoint is step 2
     assert resolve_checkpoint(cfg.output_dir).name == "step-000002"
     assert 3 in losses(cfg.output_dir)
     train(cfg)

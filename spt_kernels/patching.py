@@ -118,9 +118,9 @@ def spt_attention_forward(
         )
     if module.training and torch.is_grad_enabled() and (query.requires_grad or key.requires_grad):
         query, key = _UpdateCodebookInBackward.apply(query, key, state)
-    if not state.pq.initialized or state.calibration is not None:  # both sides: queries and keys quantise alike
+    if not state.pq.is_initialized or state.calibration is not None:  # both sides: queries and keys quantise alike
         rows = torch.cat([evenly_spaced_rows(t.detach(), CODEBOOK_ROWS) for t in (query, key)])
-        if not state.pq.initialized:
+        if not state.pq.is_initialized:
             state.pq.initialize(rows)
         if state.calibration is not None:
             state.calibration.append(rows.float())

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .dispatch import FLOAT_DTYPES, check_dtype, use_triton
+from .host_flags import host_flag
 
 _ENCODE_CHUNK_ROWS = 2048  # rows per chunk of the reference encoder: bounds its (rows, M, C, d) temporary
 _INIT_ROWS = 8192  # vectors (evenly spaced) the initial k-means runs on
@@ -82,9 +83,14 @@ class ProductQuantizer(nn.Module):
         self.register_buffer("ema_sum", torch.zeros(n_sub, codewords, subspace_dim))
         self.register_buffer("initialized", torch.tensor(False))
 
+    @property
+    def is_initialized(self) -> bool:
+        """Whether the codebook has seen data (the `initialized` buffer, read without a device sync)."""
+        return host_flag(self, "initialized", bool)
+
     def encode(self, x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
         """uint8 codes (..., M) of x (..., D); the codebook is initialised from x if it has seen no data yet."""
-        if not self.initialized:
+        if not self.is_initialized:
             self.initialize(x, backend)
         return pq_encode(x.detach(), self.codebook.float(), backend)
 
@@ -92,7 +98,7 @@ class ProductQuantizer(nn.Module):
     def update(self, x: torch.Tensor, backend: str = "auto") -> None:
         """One EMA k-means step with the vectors x (..., D)."""
         rows = x.detach().reshape(-1, x.shape[-1]).float()
-        if not self.initialized:
+        if not self.is_initialized:
             self.initialize(rows, backend)
         count, total = self._assignment_stats(rows, backend)
         ema_count = self.decay * self.ema_count.float() + (1 - self.decay) * count

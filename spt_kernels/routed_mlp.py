@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .host_flags import host_flag
 from .routed_ffn import route_tokens, routed_ffn
 
 
@@ -32,6 +33,10 @@ def effective_weight(linear: nn.Module) -> torch.Tensor:
             )
         weight = weight + linear.get_delta_weight(name)
     return weight
+
+
+def is_identity(order: torch.Tensor) -> bool:
+    return torch.equal(order, torch.arange(len(order), device=order.device))
 
 
 class RoutedMLP(nn.Module):
@@ -78,7 +83,7 @@ class RoutedMLP(nn.Module):
     def block_ordered_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """W_gate, W_up (I, hidden) and W_down (hidden, I), LoRA included, hidden units in `unit_order`."""
         w_gate, w_up, w_down = (effective_weight(p) for p in (self.gate_proj, self.up_proj, self.down_proj))
-        if torch.equal(self.unit_order, torch.arange(len(self.unit_order), device=self.unit_order.device)):
+        if host_flag(self, "unit_order", is_identity):
             return w_gate, w_up, w_down  # not regrouped: no weight copies
         return w_gate[self.unit_order], w_up[self.unit_order], w_down[:, self.unit_order]
 

@@ -80,7 +80,7 @@ def run_one(args) -> dict:
     from tqdm import tqdm
 
     from agents.models import load_causal_lm
-    from spt_kernels import SPTConfig, calibrate, patch_model, unpatch_model
+    from spt_kernels import SPTConfig, calibrate, patch_model, router_recall, unpatch_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -113,9 +113,9 @@ def run_one(args) -> dict:
                         routed_ffn=args.ffn_active < args.ffn_blocks)
         patch_model(model, cfg)  # after LoRA, so the new routers stay trainable
         log["spt_config"] = vars(cfg)
-        if args.calibration_chunks:  # training chunks, never held-out ones
-            chunks = torch.tensor(train[-args.calibration_chunks :])
-            calibrate(model, chunks.split(args.batch), progress=False)
+        calibration = torch.tensor(train[len(train) - args.calibration_chunks :]).split(args.batch)  # not held out
+        if args.calibration_chunks:
+            calibrate(model, calibration, progress=False)
         log["heldout_spt_start"] = heldout_loss(model)
         if args.freeze_routers:  # diagnostic: keep the calibrated block choices' router fixed during fine-tuning
             for name, p in model.named_parameters():
@@ -126,7 +126,19 @@ def run_one(args) -> dict:
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     model.train()
     losses, times, rss = [], [], []
-    for x in tqdm(batches, desc=args.run, file=sys.stderr, mininterval=5):
+    routed = args.run == "spt" and args.ffn_active < args.ffn_blocks
+    recall_log = []
+
+    def probe(step: int) -> None:
+        """Router recall on held-out chunks: does top-k of the router still pick the blocks that matter?"""
+        if routed and args.probe_every and (step % args.probe_every == 0 or step == args.steps):
+            recall = router_recall(model, heldout[: args.batch].split(args.batch))
+            recall_log.append([step, sum(recall) / len(recall), min(recall)])
+
+    probe(0)
+    for step, x in enumerate(tqdm(batches, desc=args.run, file=sys.stderr, mininterval=5), start=1):
+        if routed and args.recalibrate_every and step > 1 and (step - 1) % args.recalibrate_every == 0:
+            calibrate(model, calibration, regroup=False, progress=False)  # routers re-fit to the moved weights
         t0 = time.perf_counter()
         loss = model(input_ids=x, labels=x).loss
         loss.backward()
@@ -135,7 +147,8 @@ def run_one(args) -> dict:
         times.append(time.perf_counter() - t0)
         losses.append(loss.item())
         rss.append(peak_rss_mib())
-    log.update(loss=losses, step_time=times, peak_rss_mib=rss)
+        probe(step)
+    log.update(loss=losses, step_time=times, peak_rss_mib=rss, router_recall=recall_log)
     log["heldout_own"] = heldout_loss(model)  # dense: dense; spt: under SPT
     if args.run == "spt":
         unpatch_model(model)
@@ -191,6 +204,9 @@ def write_outputs(args, dense: dict, spt: dict, wall: dict, cmd: str) -> None:
         rows.append(f"| held-out loss before fine-tuning (SPT: patched and calibrated) | {hb:.4f} | {hs:.4f} | {gap(hb, hs)} |")
     rows.append(f"| held-out loss, each under its own model (SPT run: patched) | {hd:.4f} | {spt['heldout_own']:.4f} | {gap(hd, spt['heldout_own'])} |")
     rows.append(f"| held-out loss under the *dense* model (SPT run: unpatched) | {hd:.4f} | {spt['heldout_dense_eval']:.4f} | {gap(hd, spt['heldout_dense_eval'])} |")
+    if spt.get("router_recall"):
+        trace = ", ".join(f"{step}: {mean_r:.3f} (min {min_r:.3f})" for step, mean_r, min_r in spt["router_recall"])
+        rows.append(f"| router recall on held-out tokens, by step (mean over layers) | n/a | {trace} | |")
     rows.append(f"| mean step time, s (excl. step 1) | {td:.2f} | {ts:.2f} | x{ts / td:.2f} |")
     rows.append(f"| peak RSS, MiB | {rd:.0f} | {rs:.0f} | x{rs / rd:.2f} |")
     rows.append(f"| run wall time incl. load + eval, s | {wall['dense']:.0f} | {wall['spt']:.0f} | x{wall['spt'] / wall['dense']:.2f} |")
@@ -221,7 +237,7 @@ Setup: {setup}, AdamW lr {args.lr},
 {args.seed}; both runs see identical batches in identical order and get identical LoRA init, if any). SPT run:
 `SPTConfig(sparsity={args.sparsity}, ffn_blocks={args.ffn_blocks}, ffn_active_blocks={args.ffn_active})`
 (routed FFN {"off: every block active" if args.ffn_active >= args.ffn_blocks else "on"}), patched after LoRA, if any,
-so the routers train too, then calibrated (`spt_kernels.calibrate`) on {getattr(args, "calibration_chunks", 0)} training chunks. Held-out: {dense['n_heldout_chunks']} chunks of {args.seq_len} tokens from the
+so the routers train too, then calibrated (`spt_kernels.calibrate`) on {getattr(args, "calibration_chunks", 0)} training chunks{f", routers re-fitted every {args.recalibrate_every} steps" if getattr(args, "recalibrate_every", 0) else ""}. Held-out: {dense['n_heldout_chunks']} chunks of {args.seq_len} tokens from the
 last {args.heldout_docs} documents (never trained on). Base model held-out loss before fine-tuning:
 {f"{base:.4f}" if base is not None else "n/a"}.
 
@@ -261,6 +277,10 @@ def main():
     p.add_argument("--calibration-chunks", type=int, default=16,
                    help="training chunks that calibrate the SPT model's routers and codebooks first (0: none)")
     p.add_argument("--freeze-routers", action="store_true", help="SPT run: do not train the FFN routers")
+    p.add_argument("--recalibrate-every", type=int, default=0,
+                   help="SPT run: re-fit routers and codebooks (calibrate, regroup=False) every N steps (0: never)")
+    p.add_argument("--probe-every", type=int, default=10,
+                   help="SPT run: measure router recall (spt_kernels.router_recall) every N steps (0: never)")
     p.add_argument("--heldout-docs", type=int, default=20)
     p.add_argument("--heldout-chunks", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)

@@ -8,7 +8,7 @@
     unpatch_model(model)                            # the original modules and attention implementation
 
 CUDA tensors run Triton kernels; everything else runs the PyTorch reference (see `dispatch`). The Hugging Face
-glue (`patch_model`, `unpatch_model`, `calibrate`) is imported lazily so the kernels need only torch.
+glue (`patch_model`, `unpatch_model`, `calibrate`, `router_recall`) is imported lazily so the kernels need only torch.
 """
 
 from .candidates import candidate_budget, select_candidates
@@ -22,6 +22,7 @@ __all__ = [
     "patch_model",
     "unpatch_model",
     "calibrate",
+    "router_recall",
     "sparse_attention",
     "select_candidates",
     "candidate_budget",
@@ -37,8 +38,8 @@ def __getattr__(name):
         from . import patching
 
         return getattr(patching, name)
-    if name == "calibrate":
-        from .calibration import calibrate
+    if name in ("calibrate", "router_recall"):
+        from . import calibration
 
-        return calibrate
+        return getattr(calibration, name)
     raise AttributeError(f"module 'spt_kernels' has no attribute {name!r}")

@@ -24,6 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .patching import SPTAttentionState
+from .routed_ffn import route_tokens
 from .routed_mlp import RoutedMLP
 
 PROFILE_TOKENS = 2048  # tokens (evenly spaced over each batch's) whose activations describe a hidden unit
@@ -95,12 +96,30 @@ def balanced_kmeans_order(profiles: torch.Tensor, n_blocks: int) -> torch.Tensor
     return torch.from_numpy(np.argsort(assign, kind="stable"))
 
 
-def _run(model: nn.Module, batches: list, desc: str, progress: bool) -> None:
-    for batch in tqdm(batches, desc=desc, disable=not progress):
-        if isinstance(batch, dict):
-            model(**batch)
-        else:
-            model(input_ids=batch)
+def _run(model: nn.Module, observers: dict, batches: list, desc: str, progress: bool) -> None:
+    """Forward `batches` in eval mode with each module's `calibration` set to its observer (the FFNs run dense)."""
+    was_training = model.training
+    model.eval()
+    try:
+        for module, observer in observers.items():
+            module.calibration = observer
+        for batch in tqdm(batches, desc=desc, disable=not progress):
+            if isinstance(batch, dict):
+                model(**batch)
+            else:
+                model(input_ids=batch)
+    finally:
+        model.train(was_training)
+        for module in observers:
+            module.calibration = None
+
+
+def _patched_parts(model: nn.Module) -> tuple[list[RoutedMLP], list[SPTAttentionState]]:
+    mlps = [m for m in model.modules() if isinstance(m, RoutedMLP)]
+    attention = [m.spt for m in model.modules() if isinstance(getattr(m, "spt", None), SPTAttentionState)]
+    if not mlps and not attention:
+        raise ValueError("needs an SPT-patched model: call spt_kernels.patch_model first")
+    return mlps, attention
 
 
 @torch.no_grad()
@@ -111,34 +130,18 @@ def calibrate(model: nn.Module, batches: Iterable, ridge: float = 1e-3, regroup:
     regroup=False keeps each FFN's blocks as they are (consecutive units, or an earlier calibration's grouping).
     Returns a summary: batches and tokens seen, layers fitted.
     """
-    mlps = [m for m in model.modules() if isinstance(m, RoutedMLP)]
-    attention = [m.spt for m in model.modules() if isinstance(getattr(m, "spt", None), SPTAttentionState)]
-    if not mlps and not attention:
-        raise ValueError("calibrate needs an SPT-patched model: call spt_kernels.patch_model first")
+    mlps, attention = _patched_parts(model)
     batches = list(batches)
     if not batches:
         raise ValueError("calibrate got no batches")
-    was_training = model.training
-    model.eval()
-    try:
-        if regroup and mlps:
-            profiles = {mlp: _UnitProfiles(max(1, PROFILE_TOKENS // len(batches))) for mlp in mlps}
-            for mlp in mlps:
-                mlp.calibration = profiles[mlp]
-            _run(model, batches, "SPT calibration: FFN blocks", progress)
-            for mlp in mlps:
-                mlp.unit_order.copy_(mlp.unit_order[profiles[mlp].unit_order(mlp.n_blocks).to(mlp.unit_order.device)])
-        fits = {mlp: _RouterFit(mlp.router.in_features, mlp.n_blocks) for mlp in mlps}
+    if regroup and mlps:
+        profiles = {mlp: _UnitProfiles(max(1, PROFILE_TOKENS // len(batches))) for mlp in mlps}
+        _run(model, profiles, batches, "SPT calibration: FFN blocks", progress)
         for mlp in mlps:
-            mlp.calibration = fits[mlp]
-        rows = {state: [] for state in attention}
-        for state in attention:
-            state.calibration = rows[state]
-        _run(model, batches, "SPT calibration: routers, codebooks", progress)
-    finally:
-        model.train(was_training)
-        for module in [*mlps, *attention]:
-            module.calibration = None
+            mlp.unit_order.copy_(mlp.unit_order[profiles[mlp].unit_order(mlp.n_blocks).to(mlp.unit_order.device)])
+    fits = {mlp: _RouterFit(mlp.router.in_features, mlp.n_blocks) for mlp in mlps}
+    rows = {state: [] for state in attention}
+    _run(model, {**fits, **rows}, batches, "SPT calibration: routers, codebooks", progress)
     for state, chunks in rows.items():
         state.pq.initialize(torch.cat(chunks))
     for mlp, fit in fits.items():
@@ -151,3 +154,33 @@ def calibrate(model: nn.Module, batches: Iterable, ridge: float = 1e-3, regroup:
         "router_fit_layers": len(mlps),
         "codebook_layers": len(attention),
     }
+
+
+class _RouterRecall:
+    """Counts, per token, how many of its k largest blocks (by output norm) the router's top-k picks."""
+
+    def __init__(self):
+        self.hits = 0
+        self.picks = 0
+
+    def observe(self, mlp: RoutedMLP, tokens: torch.Tensor) -> torch.Tensor:
+        y, norms = mlp.dense_with_block_norms(tokens)
+        picked, _ = route_tokens(mlp.router(tokens), mlp.active_blocks)
+        best = norms.topk(mlp.active_blocks, dim=-1).indices
+        self.hits += int((picked[:, :, None] == best[:, None, :]).any(-1).sum())
+        self.picks += picked.numel()
+        return y
+
+
+@torch.no_grad()
+def router_recall(model: nn.Module, batches: Iterable, progress: bool = False) -> list[float]:
+    """Per routed FFN layer: the fraction of each token's k most important blocks that its router picks.
+
+    "Important" is measured, not predicted: the norm of each block's share of the dense FFN output under the
+    current weights. 1.0 means the router computes exactly the blocks a perfect top-k would; recall that falls
+    during fine-tuning says the router no longer tracks the weights (recalibrate, with `regroup=False`).
+    """
+    mlps, _ = _patched_parts(model)
+    recall = {mlp: _RouterRecall() for mlp in mlps}
+    _run(model, recall, list(batches), "SPT router recall", progress)
+    return [r.hits / max(1, r.picks) for r in recall.values()]

@@ -5,7 +5,7 @@ import torch
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
-from spt_kernels import SPTConfig, calibrate, patch_model
+from spt_kernels import SPTConfig, calibrate, patch_model, router_recall
 from spt_kernels.patching import SPTAttentionState
 from spt_kernels.routed_mlp import RoutedMLP
 from tiny_models import TINY, batch, logits, tiny_model
@@ -132,3 +132,33 @@ def test_calibrated_model_with_every_key_and_block_is_still_the_dense_model():
     assert any(k.endswith("mlp.unit_order") for k in model.state_dict())  # checkpoints keep the grouping
     real = mask.bool()
     torch.testing.assert_close(logits(model, ids, mask)[real], want[real], atol=1e-5, rtol=1e-5)
+
+
+def test_router_recall_is_one_for_a_perfect_router_and_falls_when_the_weights_move():
+    model = patch_model(tiny_model("llama"), SPTConfig(sparsity=1, ffn_blocks=4, ffn_active_blocks=2))
+    batches = [torch.randint(0, TINY["vocab_size"], (2, 16)) for _ in range(3)]
+    mlps = [m for m in model.modules() if isinstance(m, RoutedMLP)]
+
+    class Oracle(torch.nn.Module):  # a router whose logits are the true block norms of the inputs it sees
+        def __init__(self, mlp):
+            super().__init__()
+            self.__dict__["mlp"] = mlp  # not a submodule (no cycle in the module tree)
+
+        def forward(self, x):
+            return self.mlp.dense_with_block_norms(x)[1]
+
+    routers = [m.router for m in mlps]
+    for mlp in mlps:
+        mlp.router = Oracle(mlp)
+    assert router_recall(model, batches) == [1.0] * len(mlps)
+    for mlp, router in zip(mlps, routers):
+        mlp.router = router
+    calibrate(model, batches, regroup=False, progress=False)
+    fitted = router_recall(model, batches)
+    with torch.no_grad():
+        for mlp in mlps:
+            mlp.down_proj.weight.mul_(torch.rand(mlp.down_proj.weight.shape[1]) * 4)  # blocks' importance reshuffled
+    moved = router_recall(model, batches)
+    assert all(0.5 <= r <= 1.0 for r in fitted) and sum(moved) < sum(fitted)
+    with pytest.raises(ValueError, match="patch_model"):
+        router_recall(tiny_model("llama"), batches)

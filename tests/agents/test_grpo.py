@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from agents.cli import main
 from agents.grpo import GRPOConfig, contrastive_targets, load_grpo_agent, train
 from agents.rollouts import format_reward, group_advantages
 from agents.sft import SFTConfig
@@ -81,6 +82,14 @@ def test_checkpoint_loads_as_a_reasoning_agent(finished_run):
     assert agent.reasoning_tokens == cfg.reasoning_tokens and not agent.sample
     texts = ["boundary layer flow", "shock wave"]
     np.testing.assert_array_equal(agent.encode_queries(texts), agent.encode_queries(texts))  # greedy reasoning
+
+
+def test_cli_eval_takes_a_grpo_run(finished_run, tiny_beir, capsys):
+    cfg, _ = finished_run
+    assert main(["eval", "--data", str(tiny_beir), "--encoder", f"llm:{cfg.output_dir}", "--reasoning", "4", "--json",
+                 "--no-progress", "--no-cache"]) == 0
+    reported = json.loads(capsys.readouterr().out)
+    assert reported["agent"] == f"llm:{cfg.output_dir}+reasoning4" and 0.0 <= reported["ndcg@10"] <= 1.0
 
 
 def test_format_reward_and_group_advantages():

@@ -94,6 +94,20 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return resolve_checkpoint(run_dir) if (Path(run_dir) / "latest").is_file() else None
 
 
+RESUME_MAY_CHANGE = ("progress", "cache_dir", "gradient_checkpointing")  # settings that do not change the numbers
+
+
+def resumable_checkpoint(run_dir: str | Path, config: dict) -> Path | None:
+    """The run's latest checkpoint (None for a fresh run), refusing a run made with other settings."""
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is not None:
+        saved = read_json(checkpoint, CONFIG)
+        changed = sorted(k for k, v in config.items() if saved.get(k) != v and k not in RESUME_MAY_CHANGE)
+        if changed:
+            raise ValueError(f"{run_dir} holds a run with other settings ({changed}); use a new --output-dir")
+    return checkpoint
+
+
 def read_json(checkpoint: Path, name: str) -> dict:
     return json.loads((Path(checkpoint) / name).read_text())
 

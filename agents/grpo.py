@@ -77,6 +77,7 @@ from .checkpoint import (
     load_weights,
     read_json,
     resolve_checkpoint,
+    resumable_checkpoint,
     save_checkpoint,
     weights_digest,
 )
@@ -103,6 +104,7 @@ class GRPOConfig:
     lora_rank: int = 16  # LoRA rank r
     lora_alpha: int = 32  # LoRA scale alpha
     lora_layers: int = 0  # adapt only the top N decoder layers (0 = all)
+    gradient_checkpointing: bool = False  # recompute each decoder layer in the backward: far less memory, ~1/3 more time
     # --- rollouts
     queries_per_step: int = 4  # Q distinct training queries per step
     group_size: int = 8  # G sampled rollouts per query (the env steps Q*G embeddings at once)
@@ -112,7 +114,7 @@ class GRPOConfig:
     reward: str = "ndcg"  # env reward: ndcg, reciprocal_rank, neg_log_rank or recall@K
     w_format: float = 0.1  # weight of the format reward (embed token emitted, stopped within budget)
     refresh_pool: int = 50  # trained documents: LocalRefresh re-encodes each query's stale top-N (+ relevant)
-    max_staleness: int = 8  # trained documents: rows the step touches are never older than this many versions
+    max_staleness: int = 8  # trained documents: rows the step touches are never older than this (-1: no bound)
     hard_negatives: int = 8  # the env's top-ranked non-relevant documents per query used as InfoNCE negatives
     # --- loss
     clip_eps: float = 0.2  # PPO clip range of the importance ratio
@@ -156,7 +158,7 @@ def build_policy(cfg: GRPOConfig) -> tuple[LLMEmbedder, LLMEmbedder, torch.nn.Mo
     if sft_cfg.lora:
         policy.model = policy.model.merge_and_unload()
     adapter = replace(sft_cfg, lora=cfg.lora, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-                      lora_layers=cfg.lora_layers)
+                      lora_layers=cfg.lora_layers, gradient_checkpointing=cfg.gradient_checkpointing)
     reference = make_trainable(policy, adapter)
     policy.reasoning_tokens = cfg.reasoning_tokens  # held-out evals reason greedily with the same budget
     return policy, documents, reference, sft_cfg
@@ -168,7 +170,7 @@ def load_grpo_agent(path: str | Path, *, batch_size: int = 16) -> tuple[LLMEmbed
     cfg = GRPOConfig(**read_json(checkpoint, CONFIG))
     policy, documents, _, _ = build_policy(cfg)
     load_weights(checkpoint, policy.model)
-    policy.model.requires_grad_(False)
+    policy.model.requires_grad_(False).eval()
     policy.name = f"{policy.name}-grpo-{weights_digest(checkpoint)}"
     policy.version = read_json(checkpoint, STATE)["version"]
     policy.batch_size = batch_size
@@ -239,12 +241,7 @@ def index_file(run_dir: Path, step: int) -> Path:
 def train(cfg: GRPOConfig) -> Path:
     """Run (or resume) GRPO; returns the final checkpoint folder."""
     run_dir = Path(cfg.output_dir)
-    resume_from = latest_checkpoint(run_dir)
-    if resume_from is not None:
-        saved = read_json(resume_from, CONFIG)
-        changed = {k for k, v in asdict(cfg).items() if saved.get(k) != v and k != "progress"}
-        if changed:
-            raise ValueError(f"{run_dir} holds a run with other settings ({sorted(changed)}); use a new --output-dir")
+    resume_from = resumable_checkpoint(run_dir, asdict(cfg))
     torch.manual_seed(cfg.seed)
 
     policy, documents, reference, sft_cfg = build_policy(cfg)
@@ -253,7 +250,8 @@ def train(cfg: GRPOConfig) -> Path:
     train_split = full.split("train")
     train_ids, val_ids = split_train_queries(train_split, cfg.val_queries, cfg.seed)
     trains_documents = documents is policy
-    refresh = LocalRefresh(cfg.refresh_pool, cfg.max_staleness) if trains_documents else FrozenDocuments()
+    staleness = cfg.max_staleness if cfg.max_staleness >= 0 else None
+    refresh = LocalRefresh(cfg.refresh_pool, staleness) if trains_documents else FrozenDocuments()
     if resume_from is not None and trains_documents:
         index = CorpusIndex.load(index_file(run_dir, read_json(resume_from, STATE)["step"]))
     else:

@@ -22,6 +22,12 @@ qrels are scarce (fewer than ``min_pairs`` pairs), pseudo-queries from the corpu
 fill up: a title retrieves its body, or a sentence its document. The log says
 which.
 
+A run can start from an earlier SFT checkpoint (``init``) instead of the base
+model. Its negatives then come from that checkpoint's own corpus index: once a
+model has learned to push BM25's or the base model's negatives away, batches of
+them are too easy (InfoNCE near 0), and the documents it still ranks too high
+are the ones left to learn from (ANCE's rounds of re-mined negatives).
+
 Every random choice of step ``t`` comes from a generator seeded by ``(seed, t,
 micro-batch)``, so a run resumed from a checkpoint draws exactly the batches the
 uninterrupted run would have drawn, and its losses are identical.
@@ -57,6 +63,7 @@ from .checkpoint import (
     load_weights,
     read_json,
     resolve_checkpoint,
+    resumable_checkpoint,
     save_checkpoint,
     weights_digest,
 )
@@ -87,6 +94,7 @@ class SFTConfig:
     lora_rank: int = 16  # LoRA rank r
     lora_alpha: int = 32  # LoRA scale alpha (effective scale alpha / r)
     lora_layers: int = 0  # adapt only the top N decoder layers (0 = all): backward stops below them
+    gradient_checkpointing: bool = False  # recompute each decoder layer in the backward: far less memory, ~1/3 more time
     train_documents: bool = False  # embed documents with the model being trained (else frozen base rows)
     spt: bool = False  # run on SPT-patched attention and FFN (spt_kernels, default SPTConfig) for cheaper fine-tuning
     # --- training pairs
@@ -180,6 +188,7 @@ def make_trainable(embedder: LLMEmbedder, cfg: SFTConfig, calibration_texts: Seq
         from spt_kernels.patching import is_patched
 
         if is_patched(embedder.model):  # a loaded SPT checkpoint (GRPO after SPT SFT): routers are already trained
+            train_mode(embedder, cfg.gradient_checkpointing)
             return reference
         patch_model(embedder.model, SPTConfig())
         if calibration_texts:
@@ -187,7 +196,19 @@ def make_trainable(embedder: LLMEmbedder, cfg: SFTConfig, calibration_texts: Seq
             padded = (embedder.pad(sequences[i : i + size]) for i in range(0, len(sequences), size))
             batches = ({"input_ids": ids, "attention_mask": mask} for ids, mask, _ in padded)
             calibrate(embedder.model, batches, progress=cfg.progress)
+    train_mode(embedder, cfg.gradient_checkpointing)
     return reference  # None: the same model with its adapters disabled
+
+
+def train_mode(embedder: LLMEmbedder, gradient_checkpointing: bool) -> None:
+    """Training mode: SPT moves its codebooks and Hugging Face checkpoints layers only while ``model.training``.
+
+    The supported models have no dropout, so nothing else changes; evaluation
+    (``inference_mode``) and generation (no gradient) skip both.
+    """
+    if gradient_checkpointing:
+        embedder.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    embedder.model.train()
 
 
 def load_agent(path: str | Path, *, reasoning_tokens: int = 0, device: str | None = None, dtype: str | None = None,
@@ -207,7 +228,7 @@ def load_agent(path: str | Path, *, reasoning_tokens: int = 0, device: str | Non
     if cfg.lora or cfg.spt:  # the same adapter and SPT layout as in training, so the saved names match
         make_trainable(embedder, cfg)
     load_weights(checkpoint, embedder.model)
-    embedder.model.requires_grad_(False)
+    embedder.model.requires_grad_(False).eval()
     embedder.name = f"{base_encoder_name(cfg)}-{weights_digest(checkpoint)}"
     embedder.version = read_json(checkpoint, STATE)["version"]
     embedder.reasoning_tokens = reasoning_tokens
@@ -390,12 +411,7 @@ def init_checkpoint(cfg: SFTConfig) -> Path | None:
 def train(cfg: SFTConfig) -> Path:
     """Run (or resume) SFT; returns the final checkpoint folder."""
     run_dir = Path(cfg.output_dir)
-    resume_from = latest_checkpoint(run_dir)
-    if resume_from is not None:
-        saved = read_json(resume_from, CONFIG)
-        changed = {k for k, v in asdict(cfg).items() if saved.get(k) != v and k not in ("progress", "cache_dir")}
-        if changed:
-            raise ValueError(f"{run_dir} holds a run with other settings ({sorted(changed)}); use a new --output")
+    resume_from = resumable_checkpoint(run_dir, asdict(cfg))
     init = init_checkpoint(cfg)
     torch.manual_seed(cfg.seed)
 

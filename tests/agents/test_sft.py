@@ -82,6 +82,18 @@ def test_init_continues_from_a_checkpoint_with_its_own_negatives(finished_run, t
         train(SFTConfig(**{**asdict(cfg), "output_dir": str(tmp_path / "other"), "lora_rank": 8}))
 
 
+def test_gradient_checkpointing_changes_memory_not_losses_and_may_change_on_resume(finished_run, tmp_path):
+    reference_cfg, _ = finished_run
+    cfg = SFTConfig(**{**asdict(reference_cfg), "output_dir": str(tmp_path / "gc"), "max_steps": 2,
+                       "gradient_checkpointing": True})  # steps 1-2 are warm-up: same lr as the 6-step run
+    train(cfg)
+    checkpointed, plain = losses(cfg.output_dir), losses(reference_cfg.output_dir)
+    for step in (1, 2):
+        for key in LOSS_KEYS:
+            assert checkpointed[step][key] == pytest.approx(plain[step][key], rel=1e-4, abs=1e-6), (step, key)
+    train(SFTConfig(**{**asdict(cfg), "gradient_checkpointing": False}))  # resumes: the numbers do not depend on it
+
+
 def test_checkpoint_loads_as_a_versioned_encoder_with_frozen_base_documents(finished_run):
     cfg, checkpoint = finished_run
     agent, documents = load_agent(cfg.output_dir)

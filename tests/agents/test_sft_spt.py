@@ -30,6 +30,8 @@ def test_sft_with_spt_trains_and_reloads(tiny_beir, tiny_model_dir, tmp_path):
     buffers = dict(queries.model.named_buffers())
     spt_state = [n for n in saved if n.endswith(("unit_order", "pq.codebook", "pq.initialized"))]
     assert spt_state and all(torch.equal(buffers[n], saved[n]) for n in spt_state)
+    counts = [saved[n] for n in saved if n.endswith("pq.ema_count")]  # a freshly fitted codebook counts 1 everywhere
+    assert counts and any(not torch.all(c == 1.0) for c in counts)  # trained in training mode: codebooks moved
     orders = [m.unit_order for m in queries.model.modules() if isinstance(m, RoutedMLP)]
     assert any(not torch.equal(o, torch.arange(len(o))) for o in orders)  # regrouped by calibration, not reset
     emb = queries.encode_queries(["a query"])

@@ -207,7 +207,7 @@ def train_mode(embedder: LLMEmbedder, gradient_checkpointing: bool) -> None:
     (``inference_mode``) and generation (no gradient) skip both.
     """
     if gradient_checkpointing:
-        embedder.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        embedder.model.activation_checkpointing_enable()  # non-reentrant: works with frozen inputs (LoRA)
     embedder.model.train()
 
 

@@ -1,0 +1,44 @@
+"""benchmarks/compare_runs.py: the paired statistics behind "GRPO beats SFT" claims."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from searchr3_env.trec_run import write_trec_run
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "compare_runs.py"
+spec = importlib.util.spec_from_file_location("compare_runs", SCRIPT)
+compare = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(compare)
+
+
+def test_a_consistent_gain_is_significant_and_balanced_noise_is_not():
+    a = np.random.default_rng(1).uniform(0, 0.8, 60)
+    better = compare.paired(a, a + 0.1, resamples=2000, seed=0)
+    assert np.isclose(better["low"], 0.1) and np.isclose(better["high"], 0.1)
+    assert better["wins"] == 60 and better["p"] < 0.001
+    noise = compare.paired(a, a + np.tile([0.1, -0.1], 30), resamples=2000, seed=0)
+    assert abs(noise["diff"]) < 1e-12 and noise["low"] < 0 < noise["high"] and noise["p"] > 0.9
+    assert (noise["wins"], noise["losses"], noise["ties"]) == (30, 30, 0)
+
+
+def test_the_cli_reads_two_runs_against_the_split_qrels(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "toy"
+    (folder / "qrels").mkdir(parents=True)
+    (folder / "corpus.jsonl").write_text("".join(f'{{"_id": "d{i}", "title": "", "text": "doc {i}"}}\n' for i in range(4)))
+    queries = [f"q{i}" for i in range(20)]
+    (folder / "queries.jsonl").write_text("".join(f'{{"_id": "{q}", "text": "query {q}"}}\n' for q in queries))
+    (folder / "qrels" / "test.tsv").write_text(
+        "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\td{i % 4}\t1\n" for i, q in enumerate(queries)))
+    perfect = {q: {f"d{i % 4}": 1.0, f"d{(i + 1) % 4}": 0.5} for i, q in enumerate(queries)}
+    second = {q: {f"d{i % 4}": 0.5, f"d{(i + 1) % 4}": 1.0} for i, q in enumerate(queries)}
+    write_trec_run(tmp_path / "a.trec", second, "a")
+    write_trec_run(tmp_path / "b.trec", perfect, "b")
+    monkeypatch.setattr(sys, "argv", ["compare_runs", "--data", str(folder), "--split", "all",
+                                      str(tmp_path / "a.trec"), str(tmp_path / "b.trec"), "--resamples", "500"])
+    compare.main()
+    out = capsys.readouterr().out
+    assert "20 judged all queries" in out
+    assert "| mrr@10 | 0.5000 | 1.0000 | +0.5000 | [+0.5000, +0.5000] | 20 / 0 / 0 |" in out

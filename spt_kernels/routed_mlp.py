@@ -76,7 +76,9 @@ class RoutedMLP(nn.Module):
         tokens = x.reshape(-1, x.shape[-1])  # (T, hidden)
         if self.calibration is not None:
             return self.calibration.observe(self, tokens).view(x.shape)
-        blocks, gate = route_tokens(self.router(tokens), self.active_blocks)
+        # The gate's gradient is a surrogate (its value is 1): it may train the router, but passed on into the
+        # residual stream it would add a term no loss asked for to every earlier layer's gradient.
+        blocks, gate = route_tokens(self.router(tokens.detach()), self.active_blocks)
         y = routed_ffn(tokens, *self.block_ordered_weights(), blocks, gate, self.n_blocks, self.backend)
         return y.view(x.shape)
 

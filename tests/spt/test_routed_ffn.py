@@ -123,6 +123,21 @@ def test_routed_mlp_with_all_blocks_matches_llama_mlp():
     assert routed.restore() is mlp
 
 
+def test_the_router_surrogate_gradient_trains_the_router_but_stays_out_of_the_residual_stream():
+    mlp = LlamaMLP(LlamaConfig(hidden_size=HIDDEN, intermediate_size=INNER, num_attention_heads=2)).double()
+    routed = RoutedMLP(mlp, n_blocks=4, active_blocks=2, router_init_std=1.0, backend="reference")
+    x = torch.randn(TOKENS, HIDDEN, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(TOKENS, HIDDEN, dtype=torch.float64)
+    (routed(x) * grad_out).sum().backward()
+    blocks, _ = route_tokens(routed.router(x).detach(), 2)
+    masked = x.detach().clone().requires_grad_()
+    weights = [w.detach() for w in (mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)]
+    (dense_swiglu(masked, *weights, unit_weights(blocks, torch.ones(TOKENS, 2, dtype=torch.float64), 4))
+     * grad_out).sum().backward()
+    torch.testing.assert_close(x.grad, masked.grad)  # exactly the routed function's own input gradient
+    assert routed.router.weight.grad.abs().sum() > 0
+
+
 def test_errors_name_the_bad_input():
     x = torch.randn(4, HIDDEN)
     w_gate, w_up, w_down = (w.detach().float() for w in make_weights())

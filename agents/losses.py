@@ -49,8 +49,9 @@ def info_nce(
     positive: torch.Tensor,
     temperature: float,
     exclude: torch.Tensor | None = None,
+    reduction: str = "mean",
 ) -> torch.Tensor:
-    """Mean cross-entropy of picking each query's positive among all candidates.
+    """Mean cross-entropy of picking each query's positive among all candidates (per query: ``reduction="none"``).
 
     Args:
         queries: (B, d) query embeddings.
@@ -75,7 +76,7 @@ def info_nce(
         if exclude.gather(1, positive[:, None]).any():
             raise ValueError("exclude must not mask a query's own positive")
         scores = scores.masked_fill(exclude, float("-inf"))
-    return F.cross_entropy(scores, positive)
+    return F.cross_entropy(scores, positive, reduction=reduction)
 
 
 def triplet_margin(

@@ -22,6 +22,16 @@ qrels are scarce (fewer than ``min_pairs`` pairs), pseudo-queries from the corpu
 fill up: a title retrieves its body, or a sentence its document. The log says
 which.
 
+Reasoning (``reasoning_tokens`` > 0) is self-taught, STaR-style, with the
+retrieval loss as the judge, because there is no larger teacher model to
+distil it from here: per batch query the current model samples K reasonings,
+each is cut back to its last finished sentence, and the one (or the empty
+reasoning) whose embedding gives the lowest InfoNCE against the batch's
+candidates becomes the response the LM loss trains on and the embedding the
+contrastive terms train. The model so learns to write reasoning where it helps
+retrieval and to end it with the embed token by itself, which GRPO's format
+reward needs: a model that never emits the token gives it nothing to separate.
+
 A run can start from an earlier SFT checkpoint (``init``) instead of the base
 model. Its negatives then come from that checkpoint's own corpus index: once a
 model has learned to push BM25's or the base model's negatives away, batches of
@@ -68,6 +78,7 @@ from .checkpoint import (
     weights_digest,
 )
 from .embedder import LLMEmbedder, reference_logits
+from .rollouts import sample_rollouts
 from .losses import info_nce, kl_to_reference, lm_cross_entropy, triplet_margin
 from .metrics_log import MetricsLog
 from .models import SMOLLM2, load_causal_lm, user_cache_dir
@@ -118,6 +129,10 @@ class SFTConfig:
     w_kl: float = 0.1  # weight of the KL to the frozen base model
     w_nce: float = 1.0  # weight of InfoNCE
     w_triplet: float = 1.0  # weight of the triplet margin
+    # --- self-taught reasoning
+    reasoning_tokens: int = 0  # > 0: train on the model's own best-retrieving reasoning of up to N tokens per query
+    reasoning_samples: int = 4  # K sampled reasonings per query and step (the empty reasoning competes too)
+    reasoning_temperature: float = 1.0  # sampling temperature of those reasonings
     # --- bookkeeping
     checkpoint_every: int = 20  # optimiser steps between checkpoints (and one at the end)
     eval_every: int = 0  # optimiser steps between validation evals (0 = at the start and the end only)
@@ -132,6 +147,9 @@ class SFTConfig:
             raise ValueError(f"hard_negatives ({self.hard_negatives}) cannot exceed mine_depth ({self.mine_depth})")
         if self.batch_size < 1 or self.grad_accum < 1 or self.max_steps < 1:
             raise ValueError("batch_size, grad_accum and max_steps must be >= 1")
+        if self.reasoning_tokens < 0 or (self.reasoning_tokens and self.reasoning_samples < 1):
+            raise ValueError(f"reasoning_tokens must be >= 0 ({self.reasoning_tokens}) and reasoning_samples >= 1 "
+                             f"({self.reasoning_samples})")
 
 
 @dataclass(frozen=True)
@@ -345,16 +363,59 @@ def response_positions(starts: Sequence[int], lengths: torch.Tensor) -> tuple[to
     return torch.tensor(rows, device=lengths.device), torch.tensor(cols, device=lengths.device)
 
 
+def finished_thought(tokens: list[int], tokenizer, embed_id: int) -> list[int]:
+    """A sampled reasoning cut back to its last finished sentence (all of it if the model emitted the embed token).
+
+    A reasoning the budget cut off mid-sentence would teach the model to stop
+    mid-thought; a reasoning with no finished sentence becomes empty.
+    """
+    if tokens and tokens[-1] == embed_id:
+        return tokens
+    for end in range(len(tokens), 0, -1):
+        piece = tokenizer.decode(tokens[end - 1 : end])
+        if "\n" in piece or piece.rstrip().endswith((".", "!", "?")):
+            return tokens[:end]
+    return []
+
+
+def choose_reasoning(embedder: LLMEmbedder, cfg: SFTConfig, texts: Sequence[str], documents: torch.Tensor,
+                     exclude: torch.Tensor, seed: int) -> tuple[list[list[int]], dict]:
+    """Per query, the best-retrieving of K sampled reasonings and the empty one (see the module docstring).
+
+    ``documents`` (C, d) and ``exclude`` (B, C) are the batch's candidates, positive
+    i of query i first. Returns the chosen reasonings and their statistics.
+    """
+    k = cfg.reasoning_samples
+    torch.manual_seed(seed)  # the samples of step t, micro-batch m: a resumed run draws the same
+    rollouts = sample_rollouts(embedder, list(range(len(texts))), texts, k, cfg.reasoning_tokens,
+                               cfg.reasoning_temperature)
+    tokenizer = embedder.tokenizer
+    options = [[[]] + [finished_thought(r, tokenizer, embedder.embed_id) for r in rollouts.reasoning[i * k : (i + 1) * k]]
+               for i in range(len(texts))]  # (B, 1 + K): option 0 is no reasoning
+    flat_texts = [t for t in texts for _ in range(k + 1)]
+    with torch.no_grad():
+        emb = embedder.forward(embedder.query_sequences(flat_texts, [r for row in options for r in row])).embeddings
+        own = torch.arange(len(texts), device=emb.device).repeat_interleave(k + 1)
+        loss = info_nce(emb, documents, own, cfg.temperature, exclude[own.to(exclude.device)], reduction="none")
+    best = loss.view(len(texts), k + 1).argmin(1).tolist()
+    chosen = [row[b] for row, b in zip(options, best)]
+    stats = {"reasoning_len": float(np.mean([len(r) for r in chosen])),
+             "reasoning_kept": float(np.mean([b > 0 for b in best])),
+             "embed_emitted": float(rollouts.emitted.mean())}
+    return chosen, {key: torch.tensor(value) for key, value in stats.items()}
+
+
 def batch_losses(embedder: LLMEmbedder, reference, cfg: SFTConfig, dataset: RetrievalDataset, batch,
-                 frozen_documents: CorpusIndex | None) -> dict:
+                 frozen_documents: CorpusIndex | None, reasoning_seed: int = 0) -> dict:
     """Every loss term of one micro-batch (tensors), plus ``loss``, their weighted sum.
 
     ``frozen_documents``: the index whose rows are the document embeddings, or
-    None to embed documents with the model being trained.
+    None to embed documents with the model being trained. With
+    ``cfg.reasoning_tokens`` the queries carry their chosen reasoning (seeded by
+    ``reasoning_seed``) and its statistics join the terms.
     """
     chosen, positives, negatives = batch
     texts = [q.text for q in chosen]
-    q_fwd = embedder.forward(embedder.query_sequences(texts))
     neg_ids = [d for row in negatives for d in row]
     cand_ids = [d for d, _ in positives] + neg_ids  # (B + B*H) candidates: positives first
     if frozen_documents is None:
@@ -362,15 +423,20 @@ def batch_losses(embedder: LLMEmbedder, reference, cfg: SFTConfig, dataset: Retr
         d_emb = embedder.forward(embedder.document_sequences(doc_texts)).embeddings
     else:
         doc_rows = frozen_documents.embeddings[frozen_documents.positions(cand_ids)]
-        d_emb = torch.from_numpy(doc_rows).to(q_fwd.embeddings.device)
+        d_emb = torch.from_numpy(doc_rows).to(embedder.device)
     b, h = len(chosen), cfg.hard_negatives
 
     # Other documents judged relevant to query i are not its negatives.
     exclude = torch.tensor([[j != i and c in q.relevant for j, c in enumerate(cand_ids)] for i, q in enumerate(chosen)],
                            device=d_emb.device)
+    reasoning, stats = None, {}
+    if cfg.reasoning_tokens:
+        reasoning, stats = choose_reasoning(embedder, cfg, texts, d_emb.detach(), exclude, reasoning_seed)
+    q_fwd = embedder.forward(embedder.query_sequences(texts, reasoning))
     nce = info_nce(q_fwd.embeddings, d_emb, torch.arange(b, device=d_emb.device), cfg.temperature, exclude)
     triplet = triplet_margin(q_fwd.embeddings, d_emb[:b], d_emb[b:].view(b, h, -1), cfg.margin)
 
+    # The LM loss covers the whole response: the chosen reasoning (if any), then "The embedding is <|embed_token|>".
     rows, cols = response_positions(embedder.query_response_starts(texts), q_fwd.lengths)
     head = embedder.model.get_output_embeddings()
     logits = head(q_fwd.hidden[rows, cols])  # (N response tokens, V)
@@ -378,7 +444,7 @@ def batch_losses(embedder: LLMEmbedder, reference, cfg: SFTConfig, dataset: Retr
     ref_logits = reference_logits(embedder, reference, q_fwd.input_ids, q_fwd.attention_mask, rows, cols)
     kl = kl_to_reference(logits, ref_logits)
     total = cfg.w_lm * lm + cfg.w_kl * kl + cfg.w_nce * nce + cfg.w_triplet * triplet
-    return {"loss": total, "loss_lm": lm, "loss_kl": kl, "loss_nce": nce, "loss_triplet": triplet}
+    return {"loss": total, "loss_lm": lm, "loss_kl": kl, "loss_nce": nce, "loss_triplet": triplet, **stats}
 
 
 def cosine_schedule(cfg: SFTConfig):
@@ -467,6 +533,7 @@ def train(cfg: SFTConfig) -> Path:
         metrics.write(step, **{key: ndcg10})
         log.info("step %d: validation %s %.4f", step, key, ndcg10)
 
+    embedder.reasoning_tokens = cfg.reasoning_tokens  # validation reasons (greedily) as the model is trained to
     if step == 0:
         evaluate()
     bar = tqdm(total=cfg.max_steps, initial=step, desc="sft", unit="step", disable=not cfg.progress)
@@ -476,7 +543,8 @@ def train(cfg: SFTConfig) -> Path:
         sums: dict[str, float] = {}
         for micro in range(cfg.grad_accum):
             batch = sample_batch(queries, cfg, step, micro)
-            terms = batch_losses(embedder, reference, cfg, train_split, batch, frozen)
+            reasoning_seed = int(np.random.default_rng([cfg.seed, step, micro, 3]).integers(2**62))
+            terms = batch_losses(embedder, reference, cfg, train_split, batch, frozen, reasoning_seed)
             (terms["loss"] / cfg.grad_accum).backward()
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v.item() / cfg.grad_accum

@@ -10,7 +10,7 @@ import pytest
 
 from agents.checkpoint import CheckpointError, resolve_checkpoint
 from agents.cli import main
-from agents.sft import SFTConfig, load_agent, pseudo_queries, train
+from agents.sft import SFTConfig, choose_reasoning, finished_thought, load_agent, pseudo_queries, train
 from searchr3_env import load_beir
 
 LOSS_KEYS = ("loss", "loss_lm", "loss_kl", "loss_nce", "loss_triplet", "grad_norm")
@@ -139,3 +139,64 @@ def test_cli_full_fine_tuning_with_trained_documents_then_eval(tiny_beir, tiny_m
                  "--no-cache"]) == 0
     with pytest.raises(SystemExit):
         main(["eval", "--encoder", "bm25"])
+
+
+def test_finished_thought_cuts_back_to_the_last_finished_sentence(tiny_embedder):
+    tok, embed_id = tiny_embedder.tokenizer, tiny_embedder.embed_id
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    two = ids("the wing. the shock")
+    assert tok.decode(finished_thought(two, tok, embed_id)) == "the wing."
+    assert tok.decode(finished_thought(ids("the wing\nthe shock"), tok, embed_id)) == "the wing\n"
+    assert finished_thought(ids("the boundary layer flow"), tok, embed_id) == []  # no finished sentence
+    emitted = ids("the wing") + [embed_id]
+    assert finished_thought(emitted, tok, embed_id) == emitted  # the model ended it itself
+
+
+def test_chosen_reasoning_is_the_option_that_retrieves_its_positive_best(tiny_embedder, monkeypatch):
+    import torch
+
+    import agents.sft
+    from agents.losses import info_nce
+
+    # A random tiny model never finishes a sentence, so keep its raw samples: the choice is what is under test.
+    samples = []
+    monkeypatch.setattr(agents.sft, "finished_thought", lambda tokens, *_: samples.append(tokens) or tokens)
+    cfg = SFTConfig(data="synthetic", reasoning_tokens=6, reasoning_samples=3, temperature=0.05)
+    texts = ["boundary layer flow", "shock wave on a wing", "buckling of shells"]
+    torch.manual_seed(1)
+    docs = torch.nn.functional.normalize(torch.randn(6, tiny_embedder.dim), dim=-1)
+    exclude = torch.zeros(3, 6, dtype=torch.bool)
+    exclude[0, 4] = True  # document 4 is also relevant to query 0: never its negative
+    chosen, stats = choose_reasoning(tiny_embedder, cfg, texts, docs, exclude, seed=0)
+
+    def loss(reasoning):
+        with torch.no_grad():
+            emb = tiny_embedder.forward(tiny_embedder.query_sequences(texts, reasoning)).embeddings
+            return info_nce(emb, docs, torch.arange(3), 0.05, exclude, reduction="none")
+
+    options = [[[]] + samples[i * 3 : (i + 1) * 3] for i in range(3)]  # option 0: no reasoning
+    per_option = torch.stack([loss([row[k] for row in options]) for k in range(4)], 1)  # (queries, options)
+    best = per_option.argmin(1).tolist()
+    assert chosen == [row[k] for row, k in zip(options, best)]
+    assert any(k > 0 for k in best) and any(len(r) > 0 for r in chosen)  # the test exercises real choices
+    assert stats["reasoning_len"].item() == pytest.approx(np.mean([len(r) for r in chosen]))
+    assert stats["reasoning_kept"].item() == pytest.approx(np.mean([k > 0 for k in best]))
+    samples.clear()
+    again, _ = choose_reasoning(tiny_embedder, cfg, texts, docs, exclude, seed=0)
+    assert again == chosen  # seeded: a resumed run draws the same reasonings
+
+
+def test_self_taught_reasoning_trains_on_its_chosen_reasoning_and_resumes_exactly(
+        tiny_beir, tiny_model_dir, tmp_path, train_until_killed):
+    cfg = tiny_config(tiny_beir, tiny_model_dir, tmp_path / "run", max_steps=3, checkpoint_every=1,
+                      reasoning_tokens=4, reasoning_samples=2)
+    train(cfg)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert len(steps) == 3 and all(0 <= r["reasoning_len"] <= 4 and "embed_emitted" in r for r in steps)
+    killed = SFTConfig(**{**asdict(cfg), "output_dir": str(tmp_path / "killed")})
+    train_until_killed("agents.sft", killed, step=2, key="loss")
+    train(killed)
+    assert losses(killed.output_dir) == losses(cfg.output_dir)
+    with pytest.raises(ValueError, match="reasoning_samples"):
+        SFTConfig(data="synthetic", reasoning_tokens=4, reasoning_samples=0)

@@ -44,21 +44,25 @@ class MetricsLog:
             f.writelines(json.dumps(r) + "\n" for r in kept)
 
     def plot(self, png: str | Path, title: str = "") -> Path:
-        """Loss terms (every ``loss*`` key) against step, and every ``eval*`` key in a second panel."""
+        """One panel per group of keys against step: ``loss*``, ``eval*``, and, for a run that reasons, the
+        share of queries trained on a reasoning (``reasoning_kept``) and of samples that emitted the embed token."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
         records = self.read()
-        fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(11, 4))
-        for ax, prefix in ((ax_loss, "loss"), (ax_eval, "eval")):
-            keys = sorted({k for r in records for k in r if k.startswith(prefix)})
+        groups = {"loss": ("loss",), "eval": ("eval",), "reasoning (share)": ("reasoning_kept", "embed_emitted")}
+        panels = {name: sorted({k for r in records for k in r if k.startswith(prefixes)})
+                  for name, prefixes in groups.items()}
+        panels = {name: keys for name, keys in panels.items() if keys or name in ("loss", "eval")}
+        fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4))
+        for ax, (name, keys) in zip(axes, panels.items()):
             for key in keys:
                 pts = [(r["step"], r[key]) for r in records if key in r]
-                ax.plot(*zip(*pts), marker="o" if prefix == "eval" else None, markersize=3, label=key)
+                ax.plot(*zip(*pts), marker="o" if name == "eval" else None, markersize=3, label=key)
             ax.set_xlabel("optimiser step")
-            ax.set_title(prefix)
+            ax.set_title(name)
             if keys:
                 ax.legend(fontsize=8)
         fig.suptitle(title)

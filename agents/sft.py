@@ -105,6 +105,7 @@ class SFTConfig:
     lora_rank: int = 16  # LoRA rank r
     lora_alpha: int = 32  # LoRA scale alpha (effective scale alpha / r)
     lora_layers: int = 0  # adapt only the top N decoder layers (0 = all): backward stops below them
+    train_embed_token: bool = True  # LoRA: train the embed token's (tied) embedding row too; frozen, the model cannot learn to emit it
     gradient_checkpointing: bool = False  # recompute each decoder layer in the backward: far less memory, ~1/3 more time
     train_documents: bool = False  # embed documents with the model being trained (else frozen base rows)
     spt: bool = False  # run on SPT-patched attention and FFN (spt_kernels, default SPTConfig) for cheaper fine-tuning
@@ -199,7 +200,8 @@ def make_trainable(embedder: LLMEmbedder, cfg: SFTConfig, calibration_texts: Seq
         n_layers = model.config.num_hidden_layers
         layers = list(range(n_layers - cfg.lora_layers, n_layers)) if cfg.lora_layers else None
         lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                          target_modules=list(LORA_TARGETS), layers_to_transform=layers)
+                          target_modules=list(LORA_TARGETS), layers_to_transform=layers,
+                          trainable_token_indices=[embedder.embed_id] if cfg.train_embed_token else None)
         embedder.model = get_peft_model(model, lora)
     if cfg.spt:
         from spt_kernels import SPTConfig, calibrate, patch_model
@@ -458,7 +460,7 @@ def cosine_schedule(cfg: SFTConfig):
 
 
 # ---------------------------------------------------------------------------------------------- the run
-ADAPTER_LAYOUT = ("model", "lora", "lora_rank", "lora_alpha", "lora_layers", "spt")
+ADAPTER_LAYOUT = ("model", "lora", "lora_rank", "lora_alpha", "lora_layers", "train_embed_token", "spt")
 
 
 def init_checkpoint(cfg: SFTConfig) -> Path | None:

@@ -200,3 +200,21 @@ def test_self_taught_reasoning_trains_on_its_chosen_reasoning_and_resumes_exactl
     assert losses(killed.output_dir) == losses(cfg.output_dir)
     with pytest.raises(ValueError, match="reasoning_samples"):
         SFTConfig(data="synthetic", reasoning_tokens=4, reasoning_samples=0)
+
+
+def test_lora_trains_the_embed_token_row_so_the_model_can_learn_to_emit_it(finished_run):
+    from safetensors.torch import load_file
+
+    from agents.checkpoint import WEIGHTS
+    from agents.sft import build_embedder
+
+    cfg, checkpoint = finished_run
+    rows = {k: v for k, v in load_file(checkpoint / WEIGHTS).items() if "trainable_tokens" in k}
+    assert len(rows) == 1  # one row: the input and output embeddings are tied
+    base = build_embedder(cfg)
+    start = base.model.get_input_embeddings().weight[base.embed_id]
+    trained = next(iter(rows.values()))[0]
+    assert trained.shape == start.shape and not np.allclose(trained.numpy(), start.detach().numpy(), atol=1e-5)
+    agent, _ = load_agent(checkpoint)
+    merged = agent.model.merge_and_unload().get_output_embeddings().weight[agent.embed_id]
+    np.testing.assert_allclose(merged.numpy(), trained.numpy())  # what generation scores the embed token with

@@ -218,3 +218,16 @@ def test_lora_trains_the_embed_token_row_so_the_model_can_learn_to_emit_it(finis
     agent, _ = load_agent(checkpoint)
     merged = agent.model.merge_and_unload().get_output_embeddings().weight[agent.embed_id]
     np.testing.assert_allclose(merged.numpy(), trained.numpy())  # what generation scores the embed token with
+
+
+def test_answer_probabilities_script_scores_the_fixed_answer(finished_run):
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "answer_probabilities.py"
+    spec = importlib.util.spec_from_file_location("answer_probabilities", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg, _ = finished_run
+    tokens, probs = module.answer_probabilities(cfg.output_dir, cfg.data, 3)
+    assert tokens[-1] == "<|embed_token|>" and len(probs) == 3
+    assert all(len(p) == len(tokens) and all(0.0 < x <= 1.0 for x in p) for p in probs)

@@ -28,9 +28,10 @@ distil it from here: per batch query the current model samples K reasonings,
 each is cut back to its last finished sentence, and the one (or the empty
 reasoning) whose embedding gives the lowest InfoNCE against the batch's
 candidates becomes the response the LM loss trains on and the embedding the
-contrastive terms train. The model so learns to write reasoning where it helps
-retrieval and to end it with the embed token by itself, which GRPO's format
+contrastive terms train. The aim is a model that writes reasoning where it
+helps retrieval and ends it with the embed token by itself, which GRPO's format
 reward needs: a model that never emits the token gives it nothing to separate.
+(On Cranfield it has not got there yet: benchmarks/RESULTS_llm.md, run R.)
 
 A run can start from an earlier SFT checkpoint (``init``) instead of the base
 model. Its negatives then come from that checkpoint's own corpus index: once a
@@ -78,10 +79,10 @@ from .checkpoint import (
     weights_digest,
 )
 from .embedder import LLMEmbedder, reference_logits
-from .rollouts import sample_rollouts
 from .losses import info_nce, kl_to_reference, lm_cross_entropy, triplet_margin
 from .metrics_log import MetricsLog
 from .models import SMOLLM2, load_causal_lm, user_cache_dir
+from .rollouts import sample_rollouts
 
 log = logging.getLogger(__name__)
 SPT_CALIBRATION_DOCS = 64  # evenly spaced corpus documents that calibrate a freshly SPT-patched model

@@ -1,20 +1,19 @@
 """benchmarks/compare_runs.py: the paired statistics behind "GRPO beats SFT" claims."""
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import numpy as np
+import pytest
 
 from searchr3_env.trec_run import write_trec_run
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "compare_runs.py"
-spec = importlib.util.spec_from_file_location("compare_runs", SCRIPT)
-compare = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(compare)
+
+@pytest.fixture
+def compare(load_script):
+    return load_script("benchmarks/compare_runs.py")
 
 
-def test_a_consistent_gain_is_significant_and_balanced_noise_is_not():
+def test_a_consistent_gain_is_significant_and_balanced_noise_is_not(compare):
     a = np.random.default_rng(1).uniform(0, 0.8, 60)
     better = compare.paired(a, a + 0.1, resamples=2000, seed=0)
     assert np.isclose(better["low"], 0.1) and np.isclose(better["high"], 0.1)
@@ -24,7 +23,7 @@ def test_a_consistent_gain_is_significant_and_balanced_noise_is_not():
     assert (noise["wins"], noise["losses"], noise["ties"]) == (30, 30, 0)
 
 
-def test_the_cli_reads_two_runs_against_the_split_qrels(tmp_path, monkeypatch, capsys):
+def test_the_cli_reads_two_runs_against_the_split_qrels(compare, tmp_path, monkeypatch, capsys):
     folder = tmp_path / "toy"
     (folder / "qrels").mkdir(parents=True)
     (folder / "corpus.jsonl").write_text("".join(f'{{"_id": "d{i}", "title": "", "text": "doc {i}"}}\n' for i in range(4)))

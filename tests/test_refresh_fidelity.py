@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +15,11 @@ pytest.importorskip("torch")
 pytest.importorskip("matplotlib")
 pytest.importorskip("threadpoolctl")
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "refresh_fidelity.py"
-spec = importlib.util.spec_from_file_location("refresh_fidelity", SCRIPT)
-bench = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = bench  # dataclasses look their module up there
-spec.loader.exec_module(bench)
+
+@pytest.fixture
+def bench(load_script):
+    return load_script("benchmarks/refresh_fidelity.py")
+
 
 N_DOCS, STEPS = 200, 25
 
@@ -41,7 +39,7 @@ def tiny_collection(seed=0):
     return dataset, doc_features, list(queries.values()), np.array(query_features, dtype=np.float32)
 
 
-def test_benchmark_runs_and_full_refresh_every_step_is_the_ground_truth(tmp_path):
+def test_benchmark_runs_and_full_refresh_every_step_is_the_ground_truth(bench, tmp_path):
     dataset, doc_features, query_texts, query_features = tiny_collection()
     policy_list = [
         ("FrozenDocuments", FrozenDocuments()),

@@ -1,8 +1,5 @@
 """The TRL integration: the env as a GRPOTrainer reward function, and examples/trl_grpo.py on a tiny model."""
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,8 +9,6 @@ from agents.trl_reward import SearchR3Reward, trl_dataset
 from searchr3_env.refresh import LocalRefresh
 from searchr3_env.task import RetrievalTask
 from searchr3_env.vector_env import RetrievalVectorEnv
-
-ROOT = Path(__file__).parents[2]
 
 
 def test_reward_scores_each_completion_as_the_env_scores_its_embedding(tiny_embedder, tiny_beir):
@@ -45,12 +40,9 @@ def test_dataset_has_conversational_prompts_and_query_ids(tiny_embedder, tiny_be
     assert data[0]["prompt"][1] == {"role": "user", "content": task.query_text(task.query_ids[0])}
 
 
-def test_trl_grpo_example_runs_on_a_tiny_model(tiny_model_dir, tiny_beir, tmp_path):
+def test_trl_grpo_example_runs_on_a_tiny_model(load_script, tiny_model_dir, tiny_beir, tmp_path):
     pytest.importorskip("trl", reason="optional extra: pip install 'searchr3[trl]'")
-    spec = importlib.util.spec_from_file_location("trl_grpo_example", ROOT / "examples" / "trl_grpo.py")
-    example = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = example  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(example)
+    example = load_script("examples/trl_grpo.py")
     history = example.train(example.Args(model=str(tiny_model_dir), data=str(tiny_beir), output_dir=str(tmp_path),
                                          steps=2, queries=8, num_generations=2, batch_size=4,
                                          max_completion_length=4, max_doc_tokens=16, refresh_pool=5, lr=1e-3))

@@ -85,7 +85,7 @@ from .embedder import LLMEmbedder, reference_logits
 from .losses import info_nce, kl_to_reference
 from .metrics_log import MetricsLog
 from .rollouts import Rollouts, group_advantages, sample_rollouts
-from .sft import SFTConfig, cosine_schedule, load_agent, make_trainable, split_train_queries
+from .sft import SFTConfig, build_optimizer, cosine_schedule, load_agent, make_trainable, split_train_queries
 
 log = logging.getLogger(__name__)
 
@@ -265,8 +265,8 @@ def train(cfg: GRPOConfig) -> Path:
                                     {q: dict(full.qrels[q]) for q in val_ids})
         val_task = RetrievalTask(val_data, documents, index, split="all", top_k=100, refresh=refresh)
 
-    params = [p for p in policy.model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = build_optimizer(policy.model, cfg.lr, cfg.weight_decay, sft_cfg.embed_token_lr_scale)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(cfg))
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     step = 0

@@ -29,15 +29,26 @@ def lm_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
     return F.cross_entropy(logits.float(), targets)
 
 
-def kl_to_reference(logits: torch.Tensor, reference_logits: torch.Tensor) -> torch.Tensor:
+def kl_to_reference(logits: torch.Tensor, reference_logits: torch.Tensor, unknown: int | None = None) -> torch.Tensor:
     """Mean over positions of KL(p_model || p_reference); both (N, V) logits at the same positions.
 
     This direction penalises the model for putting mass where the base model
     puts little, the usual choice for keeping a fine-tuned policy near its base.
+
+    ``unknown``: a token id the reference never learned (the embed token added to
+    a base model). Both distributions are then taken over the other tokens,
+    renormalised. Counted in, the reference's ~1e-6 for it is a veto, not an
+    anchor: against an LM term of equal weight the KL caps the token's
+    probability at a few percent, and the model never learns to emit it.
     """
     _check("logits", logits, 2)
     if reference_logits.shape != logits.shape:
         raise ValueError(f"reference_logits: expected shape {tuple(logits.shape)}, got {tuple(reference_logits.shape)}")
+    if unknown is not None:
+        if not 0 <= unknown < logits.shape[1]:
+            raise ValueError(f"unknown: token id {unknown} outside the vocabulary of {logits.shape[1]}")
+        keep = torch.arange(logits.shape[1], device=logits.device) != unknown
+        logits, reference_logits = logits[:, keep], reference_logits[:, keep]
     logp = F.log_softmax(logits.float(), dim=-1)
     logq = F.log_softmax(reference_logits.float(), dim=-1)
     return (logp.exp() * (logp - logq)).sum(-1).mean()

@@ -55,6 +55,21 @@ def test_kl_to_reference_by_hand():
         kl_to_reference(p, ref[:1])
 
 
+def test_kl_to_reference_leaves_out_a_token_the_reference_never_learned():
+    # Token 2 is new: the model gives it 0.5, the reference almost nothing. Over tokens 0 and 1
+    # (renormalised) both distributions agree, so the KL that leaves token 2 out is zero.
+    p = torch.log(torch.tensor([[0.25, 0.25, 0.5]]))
+    ref = torch.log(torch.tensor([[0.5 - 5e-7, 0.5 - 5e-7, 1e-6]]))
+    assert kl_to_reference(p, ref).item() > 6.0  # counted in, it is a veto of 0.5 * log(0.5 / 1e-6) nats
+    assert kl_to_reference(p, ref, unknown=2).item() == pytest.approx(0.0, abs=1e-6)
+    # Left out, the rest is the KL of the renormalised distributions, by hand.
+    p = torch.log(torch.tensor([[0.2, 0.6, 0.2]]))
+    expected = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
+    assert kl_to_reference(p, ref, unknown=2).item() == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="unknown"):
+        kl_to_reference(p, ref, unknown=3)
+
+
 def test_lm_cross_entropy_by_hand():
     logits = torch.zeros(3, 4)  # uniform over 4 tokens
     logits[2] = torch.tensor([math.log(3.0), 0.0, 0.0, 0.0])  # target 0 has probability 1/2

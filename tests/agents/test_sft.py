@@ -220,14 +220,26 @@ def test_lora_trains_the_embed_token_row_so_the_model_can_learn_to_emit_it(finis
     np.testing.assert_allclose(merged.numpy(), trained.numpy())  # what generation scores the embed token with
 
 
-def test_answer_probabilities_script_scores_the_fixed_answer(finished_run):
-    import importlib.util
-
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "answer_probabilities.py"
-    spec = importlib.util.spec_from_file_location("answer_probabilities", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def test_answer_probabilities_script_scores_the_fixed_answer(load_script, finished_run):
+    module = load_script("benchmarks/answer_probabilities.py")
     cfg, _ = finished_run
     tokens, probs = module.answer_probabilities(cfg.output_dir, cfg.data, 3)
     assert tokens[-1] == "<|embed_token|>" and len(probs) == 3
     assert all(len(p) == len(tokens) and all(0.0 < x <= 1.0 for x in p) for p in probs)
+
+
+def test_the_embed_token_row_trains_at_its_own_learning_rate(tiny_beir, tiny_model_dir, tmp_path):
+    from agents.sft import build_embedder, build_optimizer, make_trainable
+
+    cfg = tiny_config(tiny_beir, tiny_model_dir, tmp_path / "run")
+    embedder = build_embedder(cfg)
+    make_trainable(embedder, cfg)
+    rest, row = build_optimizer(embedder.model, 1e-3, 0.0, embed_token_lr_scale=10.0).param_groups
+    assert rest["lr"] == 1e-3 and row["lr"] == pytest.approx(1e-2)
+    assert [tuple(p.shape) for p in row["params"]] == [(1, embedder.model.config.hidden_size)]
+    assert all(p.requires_grad for p in rest["params"]) and len(rest["params"]) > 1
+
+    frozen_row = build_embedder(cfg)
+    make_trainable(frozen_row, tiny_config(tiny_beir, tiny_model_dir, tmp_path / "run", train_embed_token=False))
+    (only,) = build_optimizer(frozen_row.model, 1e-3, 0.0, embed_token_lr_scale=10.0).param_groups
+    assert only["lr"] == 1e-3

@@ -31,7 +31,8 @@ candidates becomes the response the LM loss trains on and the embedding the
 contrastive terms train. The aim is a model that writes reasoning where it
 helps retrieval and ends it with the embed token by itself, which GRPO's format
 reward needs: a model that never emits the token gives it nothing to separate.
-(On Cranfield it has not got there yet: benchmarks/RESULTS_llm.md, run R.)
+(On Cranfield, run S in benchmarks/RESULTS_llm.md: the model ends every sample
+with the embed token from step 16, but its reasonings shrink to a few words.)
 
 A run can start from an earlier SFT checkpoint (``init``) instead of the base
 model. Its negatives then come from that checkpoint's own corpus index: once a
@@ -128,7 +129,7 @@ class SFTConfig:
     # --- loss
     temperature: float = 0.05  # InfoNCE softmax temperature on cosine scores
     margin: float = 0.2  # triplet margin on cosines
-    w_lm: float = 0.1  # weight of the LM cross-entropy on response tokens
+    w_lm: float = 1.0  # weight of the LM cross-entropy on response tokens (at 0.1 the answer's words stay unlikely)
     w_kl: float = 0.1  # weight of the KL to the frozen base model
     w_nce: float = 1.0  # weight of InfoNCE
     w_triplet: float = 1.0  # weight of the triplet margin

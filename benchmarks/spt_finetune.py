@@ -110,7 +110,7 @@ def run_one(args) -> dict:
         model = get_peft_model(model, lora)  # lora_dropout=0: the routed FFN folds MLP adapters into the weight
     if args.run == "spt":
         cfg = SPTConfig(sparsity=args.sparsity, ffn_blocks=args.ffn_blocks, ffn_active_blocks=args.ffn_active,
-                        routed_ffn=args.ffn_active < args.ffn_blocks)
+                        sparse_attention=args.sparsity > 1, routed_ffn=args.ffn_active < args.ffn_blocks)
         patch_model(model, cfg)  # after LoRA, so the new routers stay trainable
         log["spt_config"] = vars(cfg)
         calibration = torch.tensor(train[len(train) - args.calibration_chunks :]).split(args.batch)  # not held out
@@ -236,7 +236,7 @@ Setup: {setup}, AdamW lr {args.lr},
 {args.steps} steps of {args.batch} x {args.seq_len} tokens from Cranfield documents (packed, EOS-separated, seed
 {args.seed}; both runs see identical batches in identical order and get identical LoRA init, if any). SPT run:
 `SPTConfig(sparsity={args.sparsity}, ffn_blocks={args.ffn_blocks}, ffn_active_blocks={args.ffn_active})`
-(routed FFN {"off: every block active" if args.ffn_active >= args.ffn_blocks else "on"}), patched after LoRA, if any,
+(sparse attention {"off: s = 1 is dense attention" if args.sparsity <= 1 else "on"}; routed FFN {"off: every block active" if args.ffn_active >= args.ffn_blocks else "on"}), patched after LoRA, if any,
 so the routers train too, then calibrated (`spt_kernels.calibrate`) on {getattr(args, "calibration_chunks", 0)} training chunks{f", routers re-fitted every {args.recalibrate_every} steps" if getattr(args, "recalibrate_every", 0) else ""}. Held-out: {dense['n_heldout_chunks']} chunks of {args.seq_len} tokens from the
 last {args.heldout_docs} documents (never trained on). Base model held-out loss before fine-tuning:
 {f"{base:.4f}" if base is not None else "n/a"}.
@@ -271,7 +271,7 @@ def main():
     p.add_argument("--lr", type=float, default=5e-5, help="AdamW lr (use ~1e-3 with --mode lora)")
     p.add_argument("--mode", choices=["full", "lora"], default="full", help="full fine-tuning or LoRA")
     p.add_argument("--lora-r", type=int, default=8)
-    p.add_argument("--sparsity", type=int, default=8)
+    p.add_argument("--sparsity", type=int, default=8, help="attention sparsity s; 1: dense attention (FFN-only SPT)")
     p.add_argument("--ffn-blocks", type=int, default=4)
     p.add_argument("--ffn-active", type=int, default=2)
     p.add_argument("--calibration-chunks", type=int, default=16,

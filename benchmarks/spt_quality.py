@@ -29,25 +29,48 @@ sys.path.insert(0, str(HERE))
 
 from spt_finetune import CORPUS, load_chunks  # noqa: E402
 
-# (label, SPTConfig overrides, calibrate() keyword arguments or None for no calibration)
+# (label, SPTConfig overrides, calibrate() keyword arguments or None for no calibration[, "oracle"])
 PLAIN_BLOCKS = {"regroup": False}  # routers fitted, blocks left as consecutive units
+ORACLE = "oracle"  # route by the measured block norms instead of the router: the ceiling of any router
+FFN_ONLY = dict(sparse_attention=False)
 SETTINGS = [
     ("attention s=8, PQ matches only (no sinks)", dict(routed_ffn=False, sink_keys=0, keep_self=False), {}),
     ("attention s=8", dict(routed_ffn=False), {}),
     ("attention s=4", dict(routed_ffn=False, sparsity=4), {}),
     ("attention s=2", dict(routed_ffn=False, sparsity=2), {}),
-    ("FFN 2 of 4 blocks, random router", dict(sparse_attention=False), None),
-    ("FFN 2 of 4 blocks, fitted router, consecutive units", dict(sparse_attention=False), PLAIN_BLOCKS),
-    ("FFN 2 of 4 blocks", dict(sparse_attention=False), {}),
-    ("FFN 3 of 4 blocks", dict(sparse_attention=False, ffn_active_blocks=3), {}),
-    ("FFN 6 of 8 blocks, fitted router, consecutive units",
-     dict(sparse_attention=False, ffn_blocks=8, ffn_active_blocks=6), PLAIN_BLOCKS),
-    ("FFN 6 of 8 blocks", dict(sparse_attention=False, ffn_blocks=8, ffn_active_blocks=6), {}),
-    ("FFN 14 of 16 blocks", dict(sparse_attention=False, ffn_blocks=16, ffn_active_blocks=14), {}),
+    ("FFN 2 of 4 blocks, random router", FFN_ONLY, None),
+    ("FFN 2 of 4 blocks, fitted router, consecutive units", FFN_ONLY, PLAIN_BLOCKS),
+    ("FFN 2 of 4 blocks", FFN_ONLY, {}),
+    ("FFN 2 of 4 blocks, oracle routing", FFN_ONLY, {}, ORACLE),
+    ("FFN 32 of 64 blocks", dict(FFN_ONLY, ffn_blocks=64, ffn_active_blocks=32), {}),
+    ("FFN 3 of 4 blocks", dict(FFN_ONLY, ffn_active_blocks=3), {}),
+    ("FFN 6 of 8 blocks, fitted router, consecutive units", dict(FFN_ONLY, ffn_blocks=8, ffn_active_blocks=6),
+     PLAIN_BLOCKS),
+    ("FFN 6 of 8 blocks", dict(FFN_ONLY, ffn_blocks=8, ffn_active_blocks=6), {}),
+    ("FFN 6 of 8 blocks, oracle routing", dict(FFN_ONLY, ffn_blocks=8, ffn_active_blocks=6), {}, ORACLE),
+    ("FFN 12 of 16 blocks", dict(FFN_ONLY, ffn_blocks=16, ffn_active_blocks=12), {}),
+    ("FFN 24 of 32 blocks", dict(FFN_ONLY, ffn_blocks=32, ffn_active_blocks=24), {}),
+    ("FFN 48 of 64 blocks", dict(FFN_ONLY, ffn_blocks=64, ffn_active_blocks=48), {}),
+    ("FFN 48 of 64 blocks, oracle routing", dict(FFN_ONLY, ffn_blocks=64, ffn_active_blocks=48), {}, ORACLE),
+    ("FFN 14 of 16 blocks", dict(FFN_ONLY, ffn_blocks=16, ffn_active_blocks=14), {}),
     ("both: s=8, FFN 2 of 4 (the issue's speed setting)", dict(), {}),
     ("both: s=8, FFN 6 of 8", dict(ffn_blocks=8, ffn_active_blocks=6), {}),
     ("both: s=4, FFN 6 of 8", dict(sparsity=4, ffn_blocks=8, ffn_active_blocks=6), {}),
+    ("both: s=4, FFN 48 of 64", dict(sparsity=4, ffn_blocks=64, ffn_active_blocks=48), {}),
 ]
+
+
+class OracleRouting:
+    """Stands in for every router (through RoutedMLP's `calibration` hook): each token runs the k blocks whose
+    share of the dense FFN output is largest under the current weights, measured, not predicted."""
+
+    def observe(self, mlp, tokens: torch.Tensor) -> torch.Tensor:
+        from spt_kernels.routed_ffn import routed_ffn
+
+        _, norms = mlp.dense_with_block_norms(tokens)
+        blocks = norms.topk(mlp.active_blocks, dim=-1).indices
+        ones = torch.ones(blocks.shape, dtype=tokens.dtype)
+        return routed_ffn(tokens, *mlp.block_ordered_weights(), blocks, ones, mlp.n_blocks)
 
 
 def main():
@@ -63,6 +86,7 @@ def main():
 
     from agents.models import load_causal_lm
     from spt_kernels import SPTConfig, calibrate, patch_model
+    from spt_kernels.routed_mlp import RoutedMLP
 
     base, tokenizer = load_causal_lm(args.model)
     base.eval()
@@ -78,10 +102,14 @@ def main():
     dense = loss(base)
     rows = [f"| dense (no SPT) | | {dense:.4f} | |"]
     print(rows[-1], flush=True)
-    for label, overrides, calibration_kwargs in SETTINGS:
+    for label, overrides, calibration_kwargs, *routing in SETTINGS:
         model = patch_model(copy.deepcopy(base), SPTConfig(**overrides))
         if calibration_kwargs is not None:
             calibrate(model, calibration.split(1), progress=False, **calibration_kwargs)
+        if routing == [ORACLE]:
+            for mlp in model.modules():
+                if isinstance(mlp, RoutedMLP):
+                    mlp.calibration = OracleRouting()
         value = loss(model)
         calibrated = "no" if calibration_kwargs is None else "yes"
         rows.append(f"| {label} | {calibrated} | {value:.4f} | {100 * (value - dense) / dense:+.1f}% |")
@@ -98,6 +126,8 @@ Machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.pyth
 Held-out: {len(heldout)} chunks of {args.seq_len} tokens from the last {args.heldout_docs} Cranfield documents.
 Calibration: {len(calibration)} training chunks (`spt_kernels.calibrate`: hidden units regrouped into blocks by
 co-activation unless a row says "consecutive units", ridge-fitted routers, k-means codebooks).
+"Oracle routing" rows replace every router by the exact top-k blocks by the norm of their share of the dense
+output (the ceiling a router can reach with those blocks). Every FFN row keeps attention dense.
 Unless a row says otherwise: PQ with 8-dim subspaces and 16 codewords, the first key and each query's own key always
 kept (`sink_keys=1`, `keep_self=True`).
 

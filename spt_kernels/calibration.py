@@ -86,11 +86,15 @@ def balanced_kmeans_order(profiles: torch.Tensor, n_blocks: int) -> torch.Tensor
         similarity = (rows @ centroids.T).numpy()  # (I, n)
         assign.fill(-1)
         filled = np.zeros(n_blocks, dtype=np.int64)
+        placed = 0
         for flat in np.argsort(-similarity, axis=None, kind="stable"):
             unit, block = divmod(int(flat), n_blocks)
             if assign[unit] < 0 and filled[block] < capacity:
                 assign[unit] = block
                 filled[block] += 1
+                placed += 1
+                if placed == units:  # the rest of the I x n pairs cannot change anything
+                    break
         members = torch.from_numpy(assign)
         centroids = F.normalize(torch.stack([rows[members == b].mean(0) for b in range(n_blocks)]), dim=1)
     return torch.from_numpy(np.argsort(assign, kind="stable"))

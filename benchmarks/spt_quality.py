@@ -31,6 +31,7 @@ from spt_finetune import CORPUS, load_chunks  # noqa: E402
 
 # (label, SPTConfig overrides, calibrate() keyword arguments or None for no calibration[, "oracle"])
 PLAIN_BLOCKS = {"regroup": False}  # routers fitted, blocks left as consecutive units
+UNCOMPENSATED = {"compensate": False}  # no skipped-block means added back
 ORACLE = "oracle"  # route by the measured block norms instead of the router: the ceiling of any router
 FFN_ONLY = dict(sparse_attention=False)
 SETTINGS = [
@@ -40,16 +41,19 @@ SETTINGS = [
     ("attention s=2", dict(routed_ffn=False, sparsity=2), {}),
     ("FFN 2 of 4 blocks, random router", FFN_ONLY, None),
     ("FFN 2 of 4 blocks, fitted router, consecutive units", FFN_ONLY, PLAIN_BLOCKS),
+    ("FFN 2 of 4 blocks, uncompensated", FFN_ONLY, UNCOMPENSATED),
     ("FFN 2 of 4 blocks", FFN_ONLY, {}),
     ("FFN 2 of 4 blocks, oracle routing", FFN_ONLY, {}, ORACLE),
     ("FFN 32 of 64 blocks", dict(FFN_ONLY, ffn_blocks=64, ffn_active_blocks=32), {}),
     ("FFN 3 of 4 blocks", dict(FFN_ONLY, ffn_active_blocks=3), {}),
     ("FFN 6 of 8 blocks, fitted router, consecutive units", dict(FFN_ONLY, ffn_blocks=8, ffn_active_blocks=6),
      PLAIN_BLOCKS),
+    ("FFN 6 of 8 blocks, uncompensated", dict(FFN_ONLY, ffn_blocks=8, ffn_active_blocks=6), UNCOMPENSATED),
     ("FFN 6 of 8 blocks", dict(FFN_ONLY, ffn_blocks=8, ffn_active_blocks=6), {}),
     ("FFN 6 of 8 blocks, oracle routing", dict(FFN_ONLY, ffn_blocks=8, ffn_active_blocks=6), {}, ORACLE),
     ("FFN 12 of 16 blocks", dict(FFN_ONLY, ffn_blocks=16, ffn_active_blocks=12), {}),
     ("FFN 24 of 32 blocks", dict(FFN_ONLY, ffn_blocks=32, ffn_active_blocks=24), {}),
+    ("FFN 48 of 64 blocks, uncompensated", dict(FFN_ONLY, ffn_blocks=64, ffn_active_blocks=48), UNCOMPENSATED),
     ("FFN 48 of 64 blocks", dict(FFN_ONLY, ffn_blocks=64, ffn_active_blocks=48), {}),
     ("FFN 48 of 64 blocks, oracle routing", dict(FFN_ONLY, ffn_blocks=64, ffn_active_blocks=48), {}, ORACLE),
     ("FFN 14 of 16 blocks", dict(FFN_ONLY, ffn_blocks=16, ffn_active_blocks=14), {}),
@@ -81,6 +85,7 @@ def main():
     p.add_argument("--heldout-docs", type=int, default=20)
     p.add_argument("--heldout-chunks", type=int, default=4)
     p.add_argument("--calibration-chunks", type=int, default=8)
+    p.add_argument("--only", nargs="+", metavar="TEXT", help="run only the settings whose label contains one of these")
     p.add_argument("--md", default=str(HERE / "RESULTS_spt_quality.md"))
     args = p.parse_args()
 
@@ -102,7 +107,8 @@ def main():
     dense = loss(base)
     rows = [f"| dense (no SPT) | | {dense:.4f} | |"]
     print(rows[-1], flush=True)
-    for label, overrides, calibration_kwargs, *routing in SETTINGS:
+    settings = [row for row in SETTINGS if not args.only or any(text in row[0] for text in args.only)]
+    for label, overrides, calibration_kwargs, *routing in settings:
         model = patch_model(copy.deepcopy(base), SPTConfig(**overrides))
         if calibration_kwargs is not None:
             calibrate(model, calibration.split(1), progress=False, **calibration_kwargs)
@@ -126,8 +132,9 @@ Machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.pyth
 Held-out: {len(heldout)} chunks of {args.seq_len} tokens from the last {args.heldout_docs} Cranfield documents.
 Calibration: {len(calibration)} training chunks (`spt_kernels.calibrate`: hidden units regrouped into blocks by
 co-activation unless a row says "consecutive units", ridge-fitted routers, k-means codebooks).
+Routed FFNs add back each skipped block's mean output (`RoutedMLP.skipped_mean`) unless a row says "uncompensated".
 "Oracle routing" rows replace every router by the exact top-k blocks by the norm of their share of the dense
-output (the ceiling a router can reach with those blocks). Every FFN row keeps attention dense.
+output, uncompensated (the ceiling a router can reach with those blocks). FFN-only rows keep attention dense.
 Unless a row says otherwise: PQ with 8-dim subspaces and 16 codewords, the first key and each query's own key always
 kept (`sink_keys=1`, `keep_self=True`).
 

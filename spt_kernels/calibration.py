@@ -10,7 +10,9 @@ a few batches through the model (the FFNs dense, so every layer sees the pretrai
    the units' activation profiles, as in MoEfication), so a token's important units concentrate in few blocks;
 2. fits every router by ridge regression (closed form, no gradient steps) to predict the norm of each block's
    contribution to the FFN output, so top-k of the router picks the blocks that matter most for each token;
-3. refits every layer's PQ codebook by k-means on the queries and keys of all calibration batches.
+3. refits every layer's PQ codebook by k-means on the queries and keys of all calibration batches;
+4. measures, under the fitted routers, each block's mean share of the dense output over the tokens that skip it,
+   which the routed FFN adds back (`RoutedMLP.skipped_mean`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from tqdm import tqdm
 
 from .patching import SPTAttentionState
 from .routed_ffn import route_tokens
-from .routed_mlp import RoutedMLP
+from .routed_mlp import RoutedMLP, skipped_blocks
 
 PROFILE_TOKENS = 2048  # tokens (evenly spaced over each batch's) whose activations describe a hidden unit
 KMEANS_ITERATIONS = 10
@@ -69,6 +71,25 @@ class _RouterFit:
         scale = ridge * self.gram.diagonal().mean()
         eye = torch.eye(len(self.gram), dtype=torch.float64)
         return torch.linalg.solve(self.gram + scale * eye, self.cross).T
+
+
+class _SkippedMean:
+    """Pass 3: per block, the sum of its share of the dense output over the tokens whose fitted router skips it."""
+
+    def __init__(self, hidden: int, n_blocks: int):
+        self.sums = torch.zeros(n_blocks, hidden, dtype=torch.float64)
+        self.counts = torch.zeros(n_blocks, dtype=torch.float64)
+
+    def observe(self, mlp: RoutedMLP, tokens: torch.Tensor) -> torch.Tensor:
+        parts = mlp.block_outputs(tokens)
+        picked, _ = route_tokens(mlp.router(tokens), mlp.active_blocks)
+        skipped = skipped_blocks(picked, mlp.n_blocks).to(parts.dtype)
+        self.sums += torch.einsum("tn,tnh->nh", skipped, parts).double().cpu()
+        self.counts += skipped.sum(0).double().cpu()
+        return parts.sum(1)
+
+    def mean(self) -> torch.Tensor:
+        return self.sums / self.counts.clamp(min=1)[:, None]
 
 
 def balanced_kmeans_order(profiles: torch.Tensor, n_blocks: int) -> torch.Tensor:
@@ -128,11 +149,12 @@ def _patched_parts(model: nn.Module) -> tuple[list[RoutedMLP], list[SPTAttention
 
 @torch.no_grad()
 def calibrate(model: nn.Module, batches: Iterable, ridge: float = 1e-3, regroup: bool = True,
-              progress: bool = True) -> dict:
+              compensate: bool = True, progress: bool = True) -> dict:
     """Fit the SPT-patched `model` on `batches` (input-id tensors or dicts of model kwargs): see the module doc.
 
-    regroup=False keeps each FFN's blocks as they are (consecutive units, or an earlier calibration's grouping).
-    Returns a summary: batches and tokens seen, layers fitted.
+    regroup=False keeps each FFN's blocks as they are (consecutive units, or an earlier calibration's grouping);
+    compensate=False sets no skipped-block means (zero: the plain routed FFN). Returns a summary: batches and tokens
+    seen, layers fitted.
     """
     mlps, attention = _patched_parts(model)
     batches = list(batches)
@@ -152,6 +174,11 @@ def calibrate(model: nn.Module, batches: Iterable, ridge: float = 1e-3, regroup:
         solution = fit.solve(ridge).to(mlp.router.weight.dtype)
         mlp.router.weight.copy_(solution[:, :-1])
         mlp.router.bias.copy_(solution[:, -1])
+    skipped = {mlp: _SkippedMean(mlp.router.in_features, mlp.n_blocks) for mlp in mlps}
+    if compensate and any(mlp.active_blocks < mlp.n_blocks for mlp in mlps):
+        _run(model, skipped, batches, "SPT calibration: skipped-block means", progress)
+    for mlp, fit in skipped.items():
+        mlp.skipped_mean.copy_(fit.mean())
     return {
         "batches": len(batches),
         "tokens": fits[mlps[0]].tokens if mlps else None,

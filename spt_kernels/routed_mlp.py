@@ -39,6 +39,11 @@ def is_identity(order: torch.Tensor) -> bool:
     return torch.equal(order, torch.arange(len(order), device=order.device))
 
 
+def skipped_blocks(blocks: torch.Tensor, n_blocks: int) -> torch.Tensor:
+    """(T, n) float mask, 1 where a token's chosen blocks (T, k) do not include the block."""
+    return torch.ones(len(blocks), n_blocks, device=blocks.device).scatter_(1, blocks, 0.0)
+
+
 class RoutedMLP(nn.Module):
     """Routed form of `down(silu(gate(x)) * up(x))`: k of n hidden-unit blocks per token, chosen by a learned router.
 
@@ -47,6 +52,11 @@ class RoutedMLP(nn.Module):
     runs units unit_order[b * I/n : (b+1) * I/n]); `calibrate` regroups units that fire together into one block,
     without touching the weights. The original module is kept (outside the module tree) for `unpatch_model`. While
     `calibration` is set (by `calibrate`) the forward hands the tokens to it and returns the dense FFN's output.
+
+    `skipped_mean[b]` is block b's mean share of the dense output over the tokens whose router skips it (fitted by
+    `calibrate`, zero until then). It is added back for each block a token skips, so the routed FFN's error has zero
+    mean per block: the bias compensation that structured pruning (e.g. FLAP) gives to pruned channels, made
+    conditional on the routing.
     """
 
     def __init__(self, mlp: nn.Module, n_blocks: int, active_blocks: int, router_init_std: float, backend: str):
@@ -66,6 +76,8 @@ class RoutedMLP(nn.Module):
         nn.init.normal_(self.router.weight, std=router_init_std)
         nn.init.zeros_(self.router.bias)
         self.register_buffer("unit_order", torch.arange(gate_base.out_features, device=weight.device))
+        self.register_buffer("skipped_mean", torch.zeros(n_blocks, gate_base.in_features, device=weight.device,
+                                                         dtype=weight.dtype))
         self.n_blocks = n_blocks
         self.active_blocks = active_blocks
         self.backend = backend
@@ -80,6 +92,8 @@ class RoutedMLP(nn.Module):
         # residual stream it would add a term no loss asked for to every earlier layer's gradient.
         blocks, gate = route_tokens(self.router(tokens.detach()), self.active_blocks)
         y = routed_ffn(tokens, *self.block_ordered_weights(), blocks, gate, self.n_blocks, self.backend)
+        if self.active_blocks < self.n_blocks:
+            y = y + skipped_blocks(blocks, self.n_blocks).to(y.dtype) @ self.skipped_mean.to(y.dtype)
         return y.view(x.shape)
 
     def block_ordered_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -94,11 +108,15 @@ class RoutedMLP(nn.Module):
         w_gate, w_up, w_down = self.block_ordered_weights()
         return F.silu(tokens @ w_gate.T) * (tokens @ w_up.T), w_down
 
-    def dense_with_block_norms(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The dense FFN output (T, hidden) and the norm (T, n) of each block's share of it."""
+    def block_outputs(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Each block's share (T, n, hidden) of the dense FFN output; summed over blocks it is that output."""
         h, w_down = self.unit_activations(tokens)
         n = self.n_blocks
-        parts = torch.einsum("tnw,hnw->tnh", h.view(len(h), n, -1), w_down.view(len(w_down), n, -1))  # (T, n, hidden)
+        return torch.einsum("tnw,hnw->tnh", h.view(len(h), n, -1), w_down.view(len(w_down), n, -1))
+
+    def dense_with_block_norms(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The dense FFN output (T, hidden) and the norm (T, n) of each block's share of it."""
+        parts = self.block_outputs(tokens)
         return parts.sum(1), parts.norm(dim=-1)
 
     def restore(self) -> nn.Module:

@@ -162,3 +162,35 @@ def test_router_recall_is_one_for_a_perfect_router_and_falls_when_the_weights_mo
     assert all(0.5 <= r <= 1.0 for r in fitted) and sum(moved) < sum(fitted)
     with pytest.raises(ValueError, match="patch_model"):
         router_recall(tiny_model("llama"), batches)
+
+
+def test_skipped_blocks_add_back_their_mean_output_over_the_tokens_that_skip_them():
+    model = BlockStructuredFFN()
+    mlp = model.mlp
+    calibration = [model.tokens(128) for _ in range(3)]
+    calibrate(model, [{"x": x} for x in calibration], regroup=False, progress=False)
+
+    def parts_and_skipped(x):  # independent of RoutedMLP.block_outputs: slices of the dense FFN, block by block
+        h = torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x)
+        w = mlp.down_proj.weight
+        parts = torch.stack([h[:, b * 16 : (b + 1) * 16] @ w[:, b * 16 : (b + 1) * 16].T for b in range(4)], 1)
+        picked = mlp.router(x).topk(mlp.active_blocks, dim=-1).indices
+        skipped = torch.ones(len(x), 4).scatter_(1, picked, 0.0)
+        return parts, skipped
+
+    with torch.no_grad():
+        parts, skipped = parts_and_skipped(torch.cat(calibration))
+        want_mean = (skipped[:, :, None] * parts).sum(0) / skipped.sum(0)[:, None]
+        torch.testing.assert_close(mlp.skipped_mean, want_mean, atol=1e-5, rtol=1e-4)
+        skipped_rms = ((skipped[:, :, None] * parts) ** 2).sum().div(skipped.sum()).sqrt()
+        assert (want_mean.norm(dim=1) > 0.1 * skipped_rms).all()  # not vacuous: the means are not ~0
+
+        x = model.tokens(256)
+        parts, skipped = parts_and_skipped(x)
+        routed = ((1 - skipped)[:, :, None] * parts).sum(1)
+        torch.testing.assert_close(model(x), routed + skipped @ want_mean, atol=1e-5, rtol=1e-4)
+        compensated = routing_error(model, x, parts.sum(1))
+        calibrate(model, [{"x": x} for x in calibration], regroup=False, compensate=False, progress=False)
+        assert torch.equal(mlp.skipped_mean, torch.zeros_like(mlp.skipped_mean))
+        torch.testing.assert_close(model(x), routed, atol=1e-5, rtol=1e-4)
+        assert compensated < routing_error(model, x, parts.sum(1))

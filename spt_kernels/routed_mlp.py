@@ -53,10 +53,9 @@ class RoutedMLP(nn.Module):
     without touching the weights. The original module is kept (outside the module tree) for `unpatch_model`. While
     `calibration` is set (by `calibrate`) the forward hands the tokens to it and returns the dense FFN's output.
 
-    `skipped_mean[b]` is block b's mean share of the dense output over the tokens whose router skips it (fitted by
-    `calibrate`, zero until then). It is added back for each block a token skips, so the routed FFN's error has zero
-    mean per block: the bias compensation that structured pruning (e.g. FLAP) gives to pruned channels, made
-    conditional on the routing.
+    `skip_compensation[b]` (hidden,) is added to the output for each block b a token skips: the bias compensation
+    that structured pruning (e.g. FLAP) gives to pruned channels, made conditional on the routing. `calibrate` fits
+    it by least squares (zero until then: the plain routed FFN).
     """
 
     def __init__(self, mlp: nn.Module, n_blocks: int, active_blocks: int, router_init_std: float, backend: str):
@@ -76,8 +75,8 @@ class RoutedMLP(nn.Module):
         nn.init.normal_(self.router.weight, std=router_init_std)
         nn.init.zeros_(self.router.bias)
         self.register_buffer("unit_order", torch.arange(gate_base.out_features, device=weight.device))
-        self.register_buffer("skipped_mean", torch.zeros(n_blocks, gate_base.in_features, device=weight.device,
-                                                         dtype=weight.dtype))
+        self.register_buffer("skip_compensation", torch.zeros(n_blocks, gate_base.in_features, device=weight.device,
+                                                              dtype=weight.dtype))
         self.n_blocks = n_blocks
         self.active_blocks = active_blocks
         self.backend = backend
@@ -93,7 +92,7 @@ class RoutedMLP(nn.Module):
         blocks, gate = route_tokens(self.router(tokens.detach()), self.active_blocks)
         y = routed_ffn(tokens, *self.block_ordered_weights(), blocks, gate, self.n_blocks, self.backend)
         if self.active_blocks < self.n_blocks:
-            y = y + skipped_blocks(blocks, self.n_blocks).to(y.dtype) @ self.skipped_mean.to(y.dtype)
+            y = y + skipped_blocks(blocks, self.n_blocks).to(y.dtype) @ self.skip_compensation.to(y.dtype)
         return y.view(x.shape)
 
     def block_ordered_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -4,9 +4,16 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from agents.sft import build_embedder, load_agent, make_trainable, train
 from test_sft import tiny_config
+
+
+@pytest.fixture(autouse=True)
+def tiny_spt_setting(monkeypatch):
+    """The tiny model's FFN has 64 units: SPT_SETTING's 64 blocks would be single units, which no grouping moves."""
+    monkeypatch.setattr("agents.sft.SPT_SETTING", dict(sparsity=4, ffn_blocks=8, ffn_active_blocks=6))
 
 
 def test_sft_with_spt_trains_and_reloads(tiny_beir, tiny_model_dir, tmp_path):
@@ -28,7 +35,8 @@ def test_sft_with_spt_trains_and_reloads(tiny_beir, tiny_model_dir, tmp_path):
 
     saved = load_file(checkpoint / "weights.safetensors")
     buffers = dict(queries.model.named_buffers())
-    spt_state = [n for n in saved if n.endswith(("unit_order", "pq.codebook", "pq.initialized"))]
+    kept = ("unit_order", "skip_compensation", "pq.codebook", "pq.initialized")
+    spt_state = [n for n in saved if n.endswith(kept)]
     assert spt_state and all(torch.equal(buffers[n], saved[n]) for n in spt_state)
     counts = [saved[n] for n in saved if n.endswith("pq.ema_count")]  # a freshly fitted codebook counts 1 everywhere
     assert counts and any(not torch.all(c == 1.0) for c in counts)  # trained in training mode: codebooks moved

@@ -6,13 +6,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agents.sft import build_embedder, load_agent, make_trainable, train
+from agents.sft import SPT_SETTING, build_embedder, load_agent, make_trainable, train
 from test_sft import tiny_config
 
 
 @pytest.fixture(autouse=True)
 def tiny_spt_setting(monkeypatch):
-    """The tiny model's FFN has 64 units: SPT_SETTING's 64 blocks would be single units, which no grouping moves."""
+    """SPT_SETTING leaves the FFN dense; these tests route it too, so the routers' calibration and reload are covered."""
     monkeypatch.setattr("agents.sft.SPT_SETTING", dict(sparsity=4, ffn_blocks=8, ffn_active_blocks=6))
 
 
@@ -72,3 +72,18 @@ def test_grpo_continues_an_spt_sft_run(tiny_beir, tiny_model_dir, tmp_path):
     train_grpo(cfg)
     records = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
     assert any(np.isfinite(r.get("loss", np.nan)) for r in records)
+
+
+def test_the_shipped_setting_sparsifies_attention_and_keeps_the_ffn_dense(tiny_beir, tiny_model_dir, tmp_path,
+                                                                         monkeypatch):
+    from spt_kernels.patching import SPTAttentionState, is_patched
+    from spt_kernels.routed_mlp import RoutedMLP
+
+    monkeypatch.setattr("agents.sft.SPT_SETTING", SPT_SETTING)  # undo the tiny setting of the fixture
+    cfg = tiny_config(tiny_beir, tiny_model_dir, tmp_path / "run", spt=True)
+    embedder = build_embedder(cfg)
+    make_trainable(embedder, cfg, ("a document about wings",))
+    modules = list(embedder.model.modules())
+    assert is_patched(embedder.model) and not any(isinstance(m, RoutedMLP) for m in modules)
+    states = [m.spt for m in modules if isinstance(getattr(m, "spt", None), SPTAttentionState)]
+    assert states and all(state.sparsity == 4 for state in states)

@@ -16,7 +16,7 @@ wall-clock time. The session ends with a table of ratios (also written to $OUT/b
   resident set just before it. That is what the operating system had to provide (glibc told to return large
   blocks at once, so it tracks live tensors); tracemalloc would miss torch's allocations entirely.
 - GPU (skipped without CUDA): fwd+bwd time and torch.cuda.max_memory_allocated for L = 1k..8k, head dim 64/128,
-  bfloat16; and the routed FFN (2 of 4 blocks) against the dense SwiGLU FFN.
+  bfloat16; and the routed FFN (2 of 4 blocks, and 48 of 64) against the dense SwiGLU FFN.
 """
 
 import json
@@ -168,22 +168,27 @@ def ffn_inputs(tokens, hidden, inner, dtype, device):
         (torch.randn(shape, dtype=dtype, device=device) * hidden**-0.5).requires_grad_()
         for shape in ((inner, hidden), (inner, hidden), (hidden, inner))
     ]
-    router = torch.randn(tokens, 4, device=device)
-    return x, weights, router
+    return x, weights
 
 
-def ffn_variant(name, router):
+# variant -> (active, blocks): the speed setting of SPTConfig() and the quality setting of `searchr3 sft --spt`
+FFN_ROUTING = {"routed": (2, 4), "routed-48of64": (48, 64)}
+FFN_VARIANTS = ["dense", *FFN_ROUTING]
+
+
+def ffn_variant(name, x):
     if name == "dense":
         return lambda x, wg, wu, wd: (F.silu(x @ wg.T) * (x @ wu.T)) @ wd.T
-    blocks, gate = route_tokens(router, 2)
-    return lambda x, wg, wu, wd: routed_ffn(x, wg, wu, wd, blocks, gate, 4)
+    active, n_blocks = FFN_ROUTING[name]
+    blocks, gate = route_tokens(torch.randn(len(x), n_blocks, device=x.device), active)
+    return lambda x, wg, wu, wd: routed_ffn(x, wg, wu, wd, blocks, gate, n_blocks)
 
 
-@pytest.mark.parametrize("variant", ["dense", "routed"])
+@pytest.mark.parametrize("variant", FFN_VARIANTS)
 def test_cpu_ffn_fwd_bwd_time(benchmark, one_thread, variant):
-    x, weights, router = ffn_inputs(1024, 576, 1536, torch.float32, "cpu")  # SmolLM2-135M FFN, 1k tokens
-    benchmark.group = "cpu ffn fwd+bwd T=1024 (2 of 4 blocks)"
-    args = (ffn_variant(variant, router), (x, *weights), torch.randn_like(x))
+    x, weights = ffn_inputs(1024, 576, 1536, torch.float32, "cpu")  # SmolLM2-135M FFN, 1k tokens
+    benchmark.group = "cpu ffn fwd+bwd T=1024"
+    args = (ffn_variant(variant, x), (x, *weights), torch.randn_like(x))
     benchmark.pedantic(forward_backward, args=args, rounds=5, warmup_rounds=1)
     record_time(benchmark, variant)
 
@@ -223,13 +228,13 @@ def test_gpu_attention(benchmark, seq_len, head_dim, variant):
 
 
 @gpu
-@pytest.mark.parametrize("variant", ["dense", "routed"])
+@pytest.mark.parametrize("variant", FFN_VARIANTS)
 @pytest.mark.parametrize("tokens", [4096, 16384])
 def test_gpu_ffn(benchmark, tokens, variant):
-    x, weights, router = ffn_inputs(tokens, 2048, 8192, torch.bfloat16, "cuda")
-    fn = ffn_variant(variant, router)
+    x, weights = ffn_inputs(tokens, 2048, 8192, torch.bfloat16, "cuda")
+    fn = ffn_variant(variant, x)
     grad_out = torch.randn_like(x)
-    group = f"gpu ffn T={tokens} 2048->8192 bf16 (2 of 4 blocks)"
+    group = f"gpu ffn T={tokens} 2048->8192 bf16"
     mib = cuda_peak_mib(fn, (x, *weights), grad_out)
     benchmark.group = group
     benchmark.extra_info["peak_mib"] = mib

@@ -32,7 +32,7 @@ from spt_finetune import CORPUS, load_chunks  # noqa: E402
 
 # (label, SPTConfig overrides, calibrate() keyword arguments or None for no calibration[, "oracle"])
 PLAIN_BLOCKS = {"regroup": False}  # routers fitted, blocks left as consecutive units
-UNCOMPENSATED = {"compensate": False}  # no skipped-block means added back
+UNCOMPENSATED = {"compensate": False}  # nothing added back for skipped blocks (RoutedMLP.skip_compensation)
 ORACLE = "oracle"  # route by the measured block norms instead of the router: the ceiling of any router
 FFN_ONLY = dict(sparse_attention=False)
 SETTINGS = [

@@ -34,6 +34,16 @@ the *same* query counts, so easy and hard queries weigh alike. The loss is
   embedded by the policy too (the gradient reaches both sides, as in SFT);
   with frozen documents they are the index rows.
 
+Queries. Rollouts draw from the judged train-split queries (less the held-out
+``val_queries``). A collection with few of them (CACM keeps 12) can add
+``pseudo_queries`` corpus pseudo-queries: a sentence of a document's body, whose
+only relevant document is that document (the Inverse Cloze Task's pairs, with
+the sentence kept in the indexed text). Titles are not used: SFT trains
+title -> body, so titles are too easy for the rollouts of a group to differ in
+reward (CACM, SFT run S's recipe: the source document ranks first for 91% of
+titles but 48% of sentences). The log splits the env reward into
+``reward_env_judged`` and ``reward_env_pseudo``.
+
 Documents. If the SFT run trained documents (``train_documents``), the policy is
 also the env's document encoder: after every optimiser step it bumps its
 version, and the env's ``LocalRefresh`` re-encodes, before scoring, only the
@@ -85,7 +95,15 @@ from .embedder import LLMEmbedder, reference_logits
 from .losses import info_nce, kl_to_reference
 from .metrics_log import MetricsLog
 from .rollouts import Rollouts, group_advantages, sample_rollouts
-from .sft import SFTConfig, build_optimizer, cosine_schedule, load_agent, make_trainable, split_train_queries
+from .sft import (
+    SFTConfig,
+    build_optimizer,
+    cosine_schedule,
+    load_agent,
+    make_trainable,
+    pseudo_queries,
+    split_train_queries,
+)
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +125,7 @@ class GRPOConfig:
     gradient_checkpointing: bool = False  # recompute each decoder layer in the backward: far less memory, ~1/3 more time
     # --- rollouts
     queries_per_step: int = 4  # Q distinct training queries per step
+    pseudo_queries: int = 0  # add N corpus pseudo-queries (a body sentence -> its document) to the train queries
     group_size: int = 8  # G sampled rollouts per query (the env steps Q*G embeddings at once)
     reasoning_tokens: int = 32  # reasoning budget per rollout; a rollout cut off at it earns no format reward
     temperature: float = 1.0  # sampling temperature (the ratio's log-probs use the same)
@@ -175,6 +194,25 @@ def load_grpo_agent(path: str | Path, *, batch_size: int = 16) -> tuple[LLMEmbed
     policy.version = read_json(checkpoint, STATE)["version"]
     policy.batch_size = batch_size
     return policy, documents
+
+
+# ---------------------------------------------------------------------------------------------- queries
+def query_collection(data: RetrievalDataset, query_ids: list[str], name: str, n_pseudo: int = 0,
+                     seed: int = 0) -> RetrievalDataset:
+    """``data``'s corpus with only the queries ``query_ids``, plus ``n_pseudo`` sentence pseudo-queries
+    (ids ``pseudo-<doc id>``, each relevant to its own document only)."""
+    queries = {q: data.queries[q] for q in query_ids}
+    qrels = {q: dict(data.qrels[q]) for q in query_ids}
+    for text, doc_id, _ in pseudo_queries(data, n_pseudo, np.random.default_rng([seed, 3]), titles=False):
+        query_id = f"pseudo-{doc_id}"
+        if query_id in data.queries:
+            raise ValueError(f"{data.name}: a query is already called {query_id!r}; cannot name a pseudo-query so")
+        queries[query_id], qrels[query_id] = text, {doc_id: 1}
+    made = len(queries) - len(query_ids)
+    if made < n_pseudo:
+        log.warning("%s: only %d documents have a sentence of >= 5 words; %d pseudo-queries, not %d",
+                    data.name, made, made, n_pseudo)
+    return RetrievalDataset(name, data.corpus, queries, qrels)
 
 
 # ---------------------------------------------------------------------------------------------- losses
@@ -248,7 +286,10 @@ def train(cfg: GRPOConfig) -> Path:
     cache_dir = cfg.cache_dir or sft_cfg.cache_dir
     full = resolve_dataset(cfg.data)
     train_split = full.split("train")
-    train_ids, val_ids = split_train_queries(train_split, cfg.val_queries, cfg.seed)
+    judged_ids, val_ids = split_train_queries(train_split, cfg.val_queries, cfg.seed)
+    rollout_data = query_collection(train_split, judged_ids, full.name, cfg.pseudo_queries, cfg.seed)
+    train_ids = rollout_data.judged_query_ids
+    pseudo_ids = set(train_ids[len(judged_ids):])
     trains_documents = documents is policy
     staleness = cfg.max_staleness if cfg.max_staleness >= 0 else None
     refresh = LocalRefresh(cfg.refresh_pool, staleness) if trains_documents else FrozenDocuments()
@@ -256,13 +297,12 @@ def train(cfg: GRPOConfig) -> Path:
         index = CorpusIndex.load(index_file(run_dir, read_json(resume_from, STATE)["step"]))
     else:
         index = load_or_build_index(full, documents, cache_dir, progress=cfg.progress)
-    task = RetrievalTask(full, documents, index, reward=cfg.reward, split="train",
+    task = RetrievalTask(rollout_data, documents, index, reward=cfg.reward, split="all",
                          top_k=cfg.hard_negatives + 10, refresh=refresh)
     env = RetrievalVectorEnv(num_envs=cfg.queries_per_step * cfg.group_size, task=task)
     val_task = None
     if val_ids:
-        val_data = RetrievalDataset(f"{full.name}-val", full.corpus, {q: full.queries[q] for q in val_ids},
-                                    {q: dict(full.qrels[q]) for q in val_ids})
+        val_data = query_collection(train_split, val_ids, f"{full.name}-val")
         val_task = RetrievalTask(val_data, documents, index, split="all", top_k=100, refresh=refresh)
 
     optimizer = build_optimizer(policy.model, cfg.lr, cfg.weight_decay, sft_cfg.embed_token_lr_scale)
@@ -277,8 +317,9 @@ def train(cfg: GRPOConfig) -> Path:
         log.info("resumed %s at step %d", resume_from, step)
     else:
         metrics.truncate_after(-1)
-        log.info("GRPO from %s on %s: %d trainable parameters; %d train / %d validation queries; documents %s",
-                 cfg.init, full.name, sum(p.numel() for p in params), len(train_ids), len(val_ids),
+        log.info("GRPO from %s on %s: %d trainable parameters; %d train queries (%d judged + %d pseudo-queries) / "
+                 "%d validation queries; documents %s", cfg.init, full.name, sum(p.numel() for p in params),
+                 len(train_ids), len(judged_ids), len(pseudo_ids), len(val_ids),
                  "trained (local refresh)" if trains_documents else "frozen")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
@@ -297,8 +338,8 @@ def train(cfg: GRPOConfig) -> Path:
         rng = np.random.default_rng([cfg.seed, step])
         query_ids = [train_ids[i] for i in rng.choice(len(train_ids), cfg.queries_per_step, replace=False)]
         torch.manual_seed(int(rng.integers(2**62)))  # the sampled reasoning of step t, resumable
-        rollouts = sample_rollouts(policy, query_ids, [full.queries[q] for q in query_ids], cfg.group_size,
-                                   cfg.reasoning_tokens, cfg.temperature)
+        texts = [rollout_data.queries[q] for q in query_ids]
+        rollouts = sample_rollouts(policy, query_ids, texts, cfg.group_size, cfg.reasoning_tokens, cfg.temperature)
         generate_s = time.perf_counter() - start
 
         record: dict[str, float] = {}
@@ -341,6 +382,12 @@ def train(cfg: GRPOConfig) -> Path:
             lr=lr, grad_norm=grad_norm, generate_s=generate_s, env_s=env_s,
             update_s=step_s - generate_s - env_s, step_s=step_s, peak_mem_mb=peak_memory_mb(),
         )
+        if pseudo_ids:
+            pseudo = np.array([q in pseudo_ids for q in rollouts.query_ids])
+            record["pseudo_share"] = float(pseudo.mean())
+            for key, rows in (("reward_env_judged", ~pseudo), ("reward_env_pseudo", pseudo)):
+                if rows.any():
+                    record[key] = float(env_reward[rows].mean())
         metrics.write(step, **record)
         bar.update(1)
         bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['loss_kl']:.4f}")
@@ -371,7 +418,7 @@ def plot(metrics: MetricsLog, png: Path, title: str) -> Path:
     from searchr3_env.atomic import atomic_write
 
     records = metrics.read()
-    panels = (("reward", ("reward", "reward_env", "reward_format")), ("held-out nDCG@10", ("eval_val_ndcg@10",)),
+    panels = (("reward", ("reward", "reward_env", "reward_format", "reward_env_judged", "reward_env_pseudo")), ("held-out nDCG@10", ("eval_val_ndcg@10",)),
               ("KL to SFT", ("loss_kl",)), ("reasoning tokens", ("reasoning_len",)))
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
     for ax, (name, keys) in zip(axes, panels):

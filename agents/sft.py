@@ -310,14 +310,16 @@ def mining_index(cfg: SFTConfig, dataset: RetrievalDataset, embedder: LLMEmbedde
     return embedder, doc_index if doc_index is not None else base_index(cfg, dataset, embedder)
 
 
-def pseudo_queries(dataset: RetrievalDataset, n: int, rng: np.random.Generator) -> list[tuple[str, str, str]]:
-    """Up to n (query, doc id, positive text): title -> body where a document has both, else a sentence -> document."""
+def pseudo_queries(dataset: RetrievalDataset, n: int, rng: np.random.Generator,
+                   titles: bool = True) -> list[tuple[str, str, str]]:
+    """Up to n (query, doc id, positive text): title -> body where a document has both (and ``titles``), else a
+    sentence of the body -> the whole document (the Inverse Cloze Task's pseudo-query, sentence kept)."""
     out = []
     for doc_id in rng.permutation(dataset.doc_ids):
         if len(out) >= n:
             break
         doc = dataset.corpus[doc_id]
-        if doc.title and doc.text:
+        if titles and doc.title and doc.text:
             out.append((doc.title, doc_id, doc.text))
         else:
             sentences = [s for s in re.split(r"(?<=[.!?])\s+", doc.text) if len(s.split()) >= 5]

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from agents.cli import main
-from agents.grpo import GRPOConfig, contrastive_targets, load_grpo_agent, train
+from agents.grpo import GRPOConfig, contrastive_targets, load_grpo_agent, query_collection, train
 from agents.rollouts import format_reward, group_advantages
 from agents.sft import SFTConfig
 from agents.sft import train as train_sft
+from searchr3_env.beir import load_beir
 
 TIMING = ("generate_s", "env_s", "update_s", "step_s", "peak_mem_mb")
 
@@ -120,3 +121,29 @@ def test_several_updates_per_batch_reuse_the_rollouts_under_the_clip(tiny_beir, 
     steps = [r for r in records(cfg.output_dir) if "reward" in r]
     assert [r["encoder_version"] for r in steps] == [4 + 2, 4 + 4]  # one version per optimiser step
     assert all(r["clip_frac"] > 0 for r in steps)  # the second update moved some ratios past 1 +- eps
+
+
+def test_pseudo_queries_are_body_sentences_relevant_to_their_own_document(tiny_beir):
+    train_split = load_beir(tiny_beir).split("train")
+    judged = train_split.judged_query_ids[:3]
+    data = query_collection(train_split, judged, "tiny", n_pseudo=5, seed=0)
+    assert data.judged_query_ids[:3] == judged  # judged queries first, so pseudo_queries=0 draws as before
+    pseudo = data.judged_query_ids[3:]
+    assert len(pseudo) == 5 and len(set(pseudo)) == 5
+    for query_id in pseudo:
+        (doc_id, grade), = data.qrels[query_id].items()
+        assert query_id == f"pseudo-{doc_id}" and grade == 1
+        assert data.queries[query_id] in train_split.corpus[doc_id].text  # a sentence of the body, never the title
+    assert query_collection(train_split, judged, "tiny", n_pseudo=5, seed=0).queries == data.queries
+
+
+def test_grpo_draws_pseudo_queries_and_logs_their_reward_apart(tiny_beir, sft_run, tmp_path, caplog):
+    cfg = grpo_config(tiny_beir, sft_run, tmp_path / "pseudo", max_steps=2, queries_per_step=20, pseudo_queries=10)
+    with caplog.at_level("INFO", logger="agents.grpo"):
+        train(cfg)
+    assert "22 train queries (12 judged + 10 pseudo-queries)" in caplog.text
+    steps = [r for r in records(cfg.output_dir) if "reward" in r]
+    for r in steps:
+        assert r["pseudo_share"] == pytest.approx(0.5, abs=0.2)
+        share = r["pseudo_share"]
+        assert r["reward_env"] == pytest.approx(share * r["reward_env_pseudo"] + (1 - share) * r["reward_env_judged"])

@@ -17,6 +17,7 @@ checkpoint usable and never a half-written one.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -97,15 +98,24 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 RESUME_MAY_CHANGE = ("progress", "cache_dir", "gradient_checkpointing")  # settings that do not change the numbers
 
 
-def resumable_checkpoint(run_dir: str | Path, config: dict) -> Path | None:
-    """The run's latest checkpoint (None for a fresh run), refusing a run made with other settings."""
+def resumable_checkpoint(run_dir: str | Path, config) -> Path | None:
+    """The run's latest checkpoint (None for a fresh run), refusing a run made with other settings.
+
+    ``config`` is the run's config dataclass. A setting missing from the saved config was added to the
+    package after the run started; the run used what is now its default, so resuming with the default is allowed.
+    """
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is not None:
         saved = read_json(checkpoint, CONFIG)
-        changed = sorted(k for k, v in config.items() if saved.get(k) != v and k not in RESUME_MAY_CHANGE)
+        changed = sorted(f.name for f in dataclasses.fields(config) if f.name not in RESUME_MAY_CHANGE
+                         and saved.get(f.name, _default(f)) != getattr(config, f.name))
         if changed:
             raise ValueError(f"{run_dir} holds a run with other settings ({changed}); use a new --output-dir")
     return checkpoint
+
+
+def _default(f: dataclasses.Field):
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 def read_json(checkpoint: Path, name: str) -> dict:

@@ -279,7 +279,7 @@ def index_file(run_dir: Path, step: int) -> Path:
 def train(cfg: GRPOConfig) -> Path:
     """Run (or resume) GRPO; returns the final checkpoint folder."""
     run_dir = Path(cfg.output_dir)
-    resume_from = resumable_checkpoint(run_dir, asdict(cfg))
+    resume_from = resumable_checkpoint(run_dir, cfg)
     torch.manual_seed(cfg.seed)
 
     policy, documents, reference, sft_cfg = build_policy(cfg)

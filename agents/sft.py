@@ -508,7 +508,7 @@ def init_checkpoint(cfg: SFTConfig) -> Path | None:
 def train(cfg: SFTConfig) -> Path:
     """Run (or resume) SFT; returns the final checkpoint folder."""
     run_dir = Path(cfg.output_dir)
-    resume_from = resumable_checkpoint(run_dir, asdict(cfg))
+    resume_from = resumable_checkpoint(run_dir, cfg)
     init = init_checkpoint(cfg)
     torch.manual_seed(cfg.seed)
 

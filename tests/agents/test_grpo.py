@@ -1,13 +1,15 @@
 """The GRPO stage on a tiny random Llama: reward improves, documents refresh, exact resume after a kill, the CLI."""
 
 import json
-from dataclasses import asdict
+import shutil
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from agents.checkpoint import resumable_checkpoint
 from agents.cli import main
 from agents.grpo import GRPOConfig, contrastive_targets, load_grpo_agent, query_collection, train
 from agents.rollouts import format_reward, group_advantages
@@ -74,6 +76,19 @@ def test_resume_after_a_kill_repeats_the_uninterrupted_run(finished_run, train_u
     assert records(cfg.output_dir) == records(reference_cfg.output_dir)
     with pytest.raises(ValueError, match="other settings.*lr"):
         train(GRPOConfig(**{**asdict(cfg), "lr": 0.5}))
+
+
+def test_a_run_older_than_a_setting_resumes_with_its_default(finished_run, tmp_path):
+    cfg, checkpoint = finished_run
+    old_run = tmp_path / "old"
+    shutil.copytree(cfg.output_dir, old_run)
+    saved = old_run / "checkpoints" / checkpoint.name / "config.json"
+    settings = json.loads(saved.read_text())
+    del settings["pseudo_queries"]  # as written before the setting existed
+    saved.write_text(json.dumps({**settings, "output_dir": str(old_run)}))
+    assert resumable_checkpoint(old_run, replace(cfg, output_dir=str(old_run))).name == checkpoint.name
+    with pytest.raises(ValueError, match="other settings.*pseudo_queries"):
+        resumable_checkpoint(old_run, replace(cfg, output_dir=str(old_run), pseudo_queries=3))
 
 
 def test_checkpoint_loads_as_a_reasoning_agent(finished_run):

@@ -36,12 +36,13 @@ the *same* query counts, so easy and hard queries weigh alike. The loss is
 
 Queries. Rollouts draw from the judged train-split queries (less the held-out
 ``val_queries``). A collection with few of them (CACM keeps 12) can add
-``pseudo_queries`` corpus pseudo-queries: a sentence of a document's body, whose
-only relevant document is that document (the Inverse Cloze Task's pairs, with
-the sentence kept in the indexed text). Titles are not used: SFT trains
+``pseudo_queries`` corpus pseudo-queries: an excerpt of a document's body (a
+sentence, or a span of unpunctuated text), whose only relevant document is that
+document (the Inverse Cloze Task's pairs, with the excerpt kept in the indexed
+text). Titles are not used: SFT trains
 title -> body, so titles are too easy for the rollouts of a group to differ in
 reward (CACM, SFT run S's recipe: the source document ranks first for 91% of
-titles but 48% of sentences). The log splits the env reward into
+titles but 48% of body sentences). The log splits the env reward into
 ``reward_env_judged`` and ``reward_env_pseudo``.
 
 Documents. If the SFT run trained documents (``train_documents``), the policy is
@@ -125,7 +126,7 @@ class GRPOConfig:
     gradient_checkpointing: bool = False  # recompute each decoder layer in the backward: far less memory, ~1/3 more time
     # --- rollouts
     queries_per_step: int = 4  # Q distinct training queries per step
-    pseudo_queries: int = 0  # add N corpus pseudo-queries (a body sentence -> its document) to the train queries
+    pseudo_queries: int = 0  # add N corpus pseudo-queries (a body excerpt -> its document) to the train queries
     group_size: int = 8  # G sampled rollouts per query (the env steps Q*G embeddings at once)
     reasoning_tokens: int = 32  # reasoning budget per rollout; a rollout cut off at it earns no format reward
     temperature: float = 1.0  # sampling temperature (the ratio's log-probs use the same)
@@ -199,7 +200,7 @@ def load_grpo_agent(path: str | Path, *, batch_size: int = 16) -> tuple[LLMEmbed
 # ---------------------------------------------------------------------------------------------- queries
 def query_collection(data: RetrievalDataset, query_ids: list[str], name: str, n_pseudo: int = 0,
                      seed: int = 0) -> RetrievalDataset:
-    """``data``'s corpus with only the queries ``query_ids``, plus ``n_pseudo`` sentence pseudo-queries
+    """``data``'s corpus with only the queries ``query_ids``, plus ``n_pseudo`` body-excerpt pseudo-queries
     (ids ``pseudo-<doc id>``, each relevant to its own document only)."""
     queries = {q: data.queries[q] for q in query_ids}
     qrels = {q: dict(data.qrels[q]) for q in query_ids}
@@ -210,7 +211,7 @@ def query_collection(data: RetrievalDataset, query_ids: list[str], name: str, n_
         queries[query_id], qrels[query_id] = text, {doc_id: 1}
     made = len(queries) - len(query_ids)
     if made < n_pseudo:
-        log.warning("%s: only %d documents have a sentence of >= 5 words; %d pseudo-queries, not %d",
+        log.warning("%s: only %d documents have a body of >= 10 words; %d pseudo-queries, not %d",
                     data.name, made, made, n_pseudo)
     return RetrievalDataset(name, data.corpus, queries, qrels)
 

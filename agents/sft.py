@@ -312,8 +312,8 @@ def mining_index(cfg: SFTConfig, dataset: RetrievalDataset, embedder: LLMEmbedde
 
 def pseudo_queries(dataset: RetrievalDataset, n: int, rng: np.random.Generator,
                    titles: bool = True) -> list[tuple[str, str, str]]:
-    """Up to n (query, doc id, positive text): title -> body where a document has both (and ``titles``), else a
-    sentence of the body -> the whole document (the Inverse Cloze Task's pseudo-query, sentence kept)."""
+    """Up to n (query, doc id, positive text): title -> body where a document has both (and ``titles``), else an
+    excerpt of the body (:func:`body_excerpt`) -> the whole document."""
     out = []
     for doc_id in rng.permutation(dataset.doc_ids):
         if len(out) >= n:
@@ -321,11 +321,26 @@ def pseudo_queries(dataset: RetrievalDataset, n: int, rng: np.random.Generator,
         doc = dataset.corpus[doc_id]
         if titles and doc.title and doc.text:
             out.append((doc.title, doc_id, doc.text))
-        else:
-            sentences = [s for s in re.split(r"(?<=[.!?])\s+", doc.text) if len(s.split()) >= 5]
-            if sentences:
-                out.append((sentences[rng.integers(len(sentences))], doc_id, doc.as_text()))
+        elif (excerpt := body_excerpt(doc.text, rng)) is not None:
+            out.append((excerpt, doc_id, doc.as_text()))
     return out
+
+
+def body_excerpt(text: str, rng: np.random.Generator) -> str | None:
+    """A proper part of a document's body: one of its sentences of >= 5 words (the Inverse Cloze Task's
+    pseudo-query), or, where the body is a single sentence or unpunctuated (NPL), a random span of 5 words
+    to half the body (a Contriever-style crop). Never the whole body, which would teach the model to match a
+    text with itself. None for a body under 10 words."""
+    whole = text.strip()
+    sentences = [s for s in re.split(r"(?<=[.!?])\s+", whole) if len(s.split()) >= 5 and s != whole]
+    if sentences:
+        return sentences[rng.integers(len(sentences))]
+    words = whole.split()
+    if len(words) < 10:
+        return None
+    length = int(rng.integers(5, len(words) // 2 + 1))
+    start = int(rng.integers(len(words) - length + 1))
+    return " ".join(words[start : start + length])
 
 
 def training_queries(cfg: SFTConfig, train: RetrievalDataset, query_ids: Sequence[str], miner) -> list[TrainQuery]:

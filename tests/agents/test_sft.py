@@ -10,7 +10,15 @@ import pytest
 
 from agents.checkpoint import CheckpointError, resolve_checkpoint
 from agents.cli import main
-from agents.sft import SFTConfig, choose_reasoning, finished_thought, load_agent, pseudo_queries, train
+from agents.sft import (
+    SFTConfig,
+    body_excerpt,
+    choose_reasoning,
+    finished_thought,
+    load_agent,
+    pseudo_queries,
+    train,
+)
 from searchr3_env import load_beir
 
 LOSS_KEYS = ("loss", "loss_lm", "loss_kl", "loss_nce", "loss_triplet", "grad_norm")
@@ -114,12 +122,28 @@ def test_pseudo_queries_fill_up_scarce_qrels(tiny_beir, tiny_model_dir, tmp_path
     assert len(pairs) == 6
     for query, doc_id, positive in pairs:
         doc = dataset.corpus[doc_id]
-        assert (query == doc.title and positive == doc.text) or (query in doc.text and positive == doc.as_text())
+        excerpt = query in doc.text and query != doc.text and positive == doc.as_text()
+        assert (query == doc.title and positive == doc.text) or excerpt
     cfg = tiny_config(tiny_beir, tiny_model_dir, tmp_path / "run", max_steps=1, min_pairs=200, val_queries=0,
                       train_documents=True, negatives="hashing")
     with caplog.at_level(logging.INFO, logger="agents.sft"):
         train(cfg)
     assert "corpus pseudo-queries (qrels scarce" in caplog.text
+
+
+def test_body_excerpt_is_a_sentence_or_a_span_never_the_whole_body():
+    rng = np.random.default_rng(0)
+    body = "Shock waves form at the leading edge. The boundary layer separates behind them. Short one."
+    for _ in range(20):
+        assert body_excerpt(body, rng) in ("Shock waves form at the leading edge.",
+                                           "The boundary layer separates behind them.")
+    unpunctuated = "two new equations for the design of filters are presented for designing constant k sections"
+    for _ in range(20):  # NPL: one unpunctuated sentence per document
+        span = body_excerpt(unpunctuated, rng)
+        assert span in unpunctuated and 5 <= len(span.split()) <= 8
+    assert body_excerpt("One sentence of exactly ten words is all this body has.", rng) != \
+        "One sentence of exactly ten words is all this body has."
+    assert body_excerpt("too short to split", rng) is None and body_excerpt("", rng) is None
 
 
 def test_cli_full_fine_tuning_with_trained_documents_then_eval(tiny_beir, tiny_model_dir, tmp_path, capsys):

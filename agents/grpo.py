@@ -39,11 +39,10 @@ Queries. Rollouts draw from the judged train-split queries (less the held-out
 ``pseudo_queries`` corpus pseudo-queries: an excerpt of a document's body (a
 sentence, or a span of unpunctuated text), whose only relevant document is that
 document (the Inverse Cloze Task's pairs, with the excerpt kept in the indexed
-text). Titles are not used: SFT trains
-title -> body, so titles are too easy for the rollouts of a group to differ in
-reward (CACM, SFT run S's recipe: the source document ranks first for 91% of
-titles but 48% of body sentences). The log splits the env reward into
-``reward_env_judged`` and ``reward_env_pseudo``.
+text). Titles are not used: SFT trains title -> body, so titles are too easy for
+the rollouts of a group to differ in reward (CACM, SFT run S's recipe: the
+source document ranks first for 91% of titles but 48% of body sentences). The
+log splits the env reward into ``reward_env_judged`` and ``reward_env_pseudo``.
 
 Documents. If the SFT run trained documents (``train_documents``), the policy is
 also the env's document encoder: after every optimiser step it bumps its

@@ -65,6 +65,9 @@ class LLMEmbedder:
             the embed token is added if missing (the embedding matrix is resized).
         name: the encoder name the corpus index records (make it differ per checkpoint).
         max_doc_tokens, max_query_tokens: user content is truncated to this many tokens.
+        lowercase: case-fold queries and documents first. For collections whose case is an artifact
+            (NPL: upper-case queries, lower-case documents), where a cased tokenizer would otherwise
+            see unrelated tokens for the same words; the baselines are uncased already.
         reasoning_tokens: 0 embeds queries directly; N > 0 first generates up to N tokens.
         sample, temperature: sampled (instead of greedy) reasoning, for RL rollouts.
         batch_size: sequences per forward pass in ``encode_*``.
@@ -79,6 +82,7 @@ class LLMEmbedder:
         name: str = "llm",
         max_doc_tokens: int = 128,
         max_query_tokens: int = 64,
+        lowercase: bool = False,
         reasoning_tokens: int = 0,
         sample: bool = False,
         temperature: float = 0.7,
@@ -98,6 +102,7 @@ class LLMEmbedder:
         self.version = version
         self.max_doc_tokens = max_doc_tokens
         self.max_query_tokens = max_query_tokens
+        self.lowercase = lowercase
         self.reasoning_tokens = reasoning_tokens
         self.sample = sample
         self.temperature = temperature
@@ -113,7 +118,8 @@ class LLMEmbedder:
 
     # ------------------------------------------------------------------ token sequences
     def _content(self, texts: Sequence[str], limit: int) -> list[list[int]]:
-        return self.tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=limit)["input_ids"]
+        texts = [t.lower() for t in texts] if self.lowercase else list(texts)
+        return self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=limit)["input_ids"]
 
     def document_sequences(self, texts: Sequence[str]) -> list[list[int]]:
         return [self.document_template.sequence(c) for c in self._content(texts, self.max_doc_tokens)]

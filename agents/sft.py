@@ -107,6 +107,7 @@ class SFTConfig:
     dtype: str = "float32"  # "bfloat16" on GPU; float32 on CPU (bf16 matmuls are slow without AMX)
     max_doc_tokens: int = 96  # document content truncated to this many tokens (CPU budget)
     max_query_tokens: int = 64  # query content truncated to this many tokens
+    lowercase: bool = False  # case-fold queries and documents (NPL: upper-case queries, lower-case documents)
     # --- adapter
     lora: bool = True  # LoRA adapters (peft); False fine-tunes every weight (and keeps a frozen copy for KL)
     lora_rank: int = 16  # LoRA rank r
@@ -179,14 +180,14 @@ def model_tag(spec: str) -> str:
 
 def base_encoder_name(cfg: SFTConfig) -> str:
     """Name of the untrained model's embeddings (shared by runs, so its corpus index is cached once)."""
-    return f"llm-{model_tag(cfg.model)}-d{cfg.max_doc_tokens}"
+    return f"llm-{model_tag(cfg.model)}-d{cfg.max_doc_tokens}{'-lc' if cfg.lowercase else ''}"
 
 
 def build_embedder(cfg: SFTConfig) -> LLMEmbedder:
     """The base model with the embed token, as an embedder named for the *untrained* weights."""
     model, tokenizer = load_causal_lm(cfg.model, dtype=cfg.dtype, device=cfg.device, cache_root=Path(cfg.cache_dir))
     return LLMEmbedder(model, tokenizer, name=base_encoder_name(cfg), max_doc_tokens=cfg.max_doc_tokens,
-                       max_query_tokens=cfg.max_query_tokens)
+                       max_query_tokens=cfg.max_query_tokens, lowercase=cfg.lowercase)
 
 
 def make_trainable(embedder: LLMEmbedder, cfg: SFTConfig, calibration_texts: Sequence[str] = ()):

@@ -43,6 +43,13 @@ def test_reasoning_goes_before_the_answer_and_an_emitted_embed_token_is_not_repe
     assert _cut_at_stop([5, 6], {2, 9}, 9) == [5, 6]
 
 
+def test_lowercase_folds_case_of_queries_and_documents_only_when_asked(tiny_embedder):
+    folded = LLMEmbedder(tiny_embedder.model, tiny_embedder.tokenizer, lowercase=True)
+    assert folded.query_sequences(["SHOCK Wave"]) == tiny_embedder.query_sequences(["shock wave"])
+    assert folded.document_sequences(["A Flat PLATE"]) == tiny_embedder.document_sequences(["a flat plate"])
+    assert tiny_embedder.query_sequences(["SHOCK Wave"]) != tiny_embedder.query_sequences(["shock wave"])
+
+
 def test_forward_refuses_a_sequence_without_the_embed_token(tiny_embedder):
     with pytest.raises(ValueError, match="does not end with"):
         tiny_embedder.forward([[1, 2, 3]])

@@ -2,7 +2,7 @@
 
 import json
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +12,8 @@ from agents.checkpoint import CheckpointError, resolve_checkpoint
 from agents.cli import main
 from agents.sft import (
     SFTConfig,
+    base_encoder_name,
+    build_embedder,
     body_excerpt,
     choose_reasoning,
     finished_thought,
@@ -131,6 +133,12 @@ def test_pseudo_queries_fill_up_scarce_qrels(tiny_beir, tiny_model_dir, tmp_path
     assert "corpus pseudo-queries (qrels scarce" in caplog.text
 
 
+def test_a_lowercase_run_embeds_case_folded_and_caches_its_index_apart(tiny_model_dir, tmp_path):
+    cfg = SFTConfig(data="synthetic", model=str(tiny_model_dir), cache_dir=str(tmp_path), lowercase=True)
+    embedder = build_embedder(cfg)
+    assert embedder.lowercase and embedder.name == base_encoder_name(replace(cfg, lowercase=False)) + "-lc"
+
+
 def test_body_excerpt_is_a_sentence_or_a_span_never_the_whole_body():
     rng = np.random.default_rng(0)
     body = "Shock waves form at the leading edge. The boundary layer separates behind them. Short one."
@@ -230,7 +238,6 @@ def test_lora_trains_the_embed_token_row_so_the_model_can_learn_to_emit_it(finis
     from safetensors.torch import load_file
 
     from agents.checkpoint import WEIGHTS
-    from agents.sft import build_embedder
 
     cfg, checkpoint = finished_run
     rows = {k: v for k, v in load_file(checkpoint / WEIGHTS).items() if "trainable_tokens" in k}
@@ -253,7 +260,7 @@ def test_answer_probabilities_script_scores_the_fixed_answer(load_script, finish
 
 
 def test_the_embed_token_row_trains_at_its_own_learning_rate(tiny_beir, tiny_model_dir, tmp_path):
-    from agents.sft import build_embedder, build_optimizer, make_trainable
+    from agents.sft import build_optimizer, make_trainable
 
     cfg = tiny_config(tiny_beir, tiny_model_dir, tmp_path / "run")
     embedder = build_embedder(cfg)

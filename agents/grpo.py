@@ -210,7 +210,7 @@ def query_collection(data: RetrievalDataset, query_ids: list[str], name: str, n_
         queries[query_id], qrels[query_id] = text, {doc_id: 1}
     made = len(queries) - len(query_ids)
     if made < n_pseudo:
-        log.warning("%s: only %d documents have a body of >= 10 words; %d pseudo-queries, not %d",
+        log.warning("%s: only %d documents have a body to excerpt; %d pseudo-queries, not %d",
                     data.name, made, made, n_pseudo)
     return RetrievalDataset(name, data.corpus, queries, qrels)
 
@@ -418,8 +418,9 @@ def plot(metrics: MetricsLog, png: Path, title: str) -> Path:
     from searchr3_env.atomic import atomic_write
 
     records = metrics.read()
-    panels = (("reward", ("reward", "reward_env", "reward_format", "reward_env_judged", "reward_env_pseudo")), ("held-out nDCG@10", ("eval_val_ndcg@10",)),
-              ("KL to SFT", ("loss_kl",)), ("reasoning tokens", ("reasoning_len",)))
+    rewards = ("reward", "reward_env", "reward_format", "reward_env_judged", "reward_env_pseudo")
+    panels = (("reward", rewards), ("held-out nDCG@10", ("eval_val_ndcg@10",)), ("KL to SFT", ("loss_kl",)),
+              ("reasoning tokens", ("reasoning_len",)))
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
     for ax, (name, keys) in zip(axes, panels):
         for key in keys:

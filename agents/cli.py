@@ -53,11 +53,14 @@ def make_llm_agent(spec: str, args):
     try:
         checkpoint = resolve_checkpoint(spec)
     except CheckpointError:
-        cfg = SFTConfig(data="", model=spec, max_doc_tokens=args.max_doc_tokens, **device,
+        cfg = SFTConfig(data="", model=spec, max_doc_tokens=args.max_doc_tokens, lowercase=args.lowercase, **device,
                         **({"cache_dir": str(args.cache_dir)} if args.cache_dir else {}))
         embedder = build_embedder(cfg)
         embedder.reasoning_tokens, embedder.batch_size = args.reasoning, args.batch_size
         return embedder, embedder
+    if args.lowercase:
+        raise SystemExit(f"--lowercase applies to base models only; checkpoint {checkpoint} keeps the setting it was "
+                         "trained with")
     if "group_size" in read_json(checkpoint, CONFIG):  # a GRPO run's config (SFT has no rollout groups)
         from .grpo import load_grpo_agent
 
@@ -159,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--reasoning", type=int, nargs="?", const=32, default=0, metavar="N",
                     help="llm encoders: generate up to N reasoning tokens per query before embedding (default 32)")
     ev.add_argument("--max-doc-tokens", type=int, default=96, help="llm base models: document truncation")
+    ev.add_argument("--lowercase", action="store_true",
+                    help="llm base models: case-fold queries and documents (as `sft --lowercase` trains)")
     ev.add_argument("--batch-size", type=int, default=16, help="llm encoders: sequences per forward pass")
     ev.add_argument("--device", default="cpu", help="llm encoders: torch device (cuda for a GPU)")
     ev.add_argument("--dtype", default="float32", help="llm encoders: float32, or bfloat16 on GPU")

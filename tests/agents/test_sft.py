@@ -169,8 +169,11 @@ def test_cli_full_fine_tuning_with_trained_documents_then_eval(tiny_beir, tiny_m
         reported = json.loads(capsys.readouterr().out)
         assert reported["split"] == "test" and 0.0 <= reported["ndcg@10"] <= 1.0
     assert reported["agent"] == f"llm:{run}+reasoning4"
-    assert main(["eval", "--data", str(tiny_beir), "--encoder", f"llm:{tiny_model_dir}", "--json", "--no-progress",
-                 "--no-cache"]) == 0
+    for extra in ([], ["--lowercase"]):
+        assert main(["eval", "--data", str(tiny_beir), "--encoder", f"llm:{tiny_model_dir}", "--json", "--no-progress",
+                     "--no-cache", *extra]) == 0
+    with pytest.raises(SystemExit, match="keeps the setting it was trained with"):  # a checkpoint's case is fixed
+        main(["eval", "--data", str(tiny_beir), "--encoder", f"llm:{run}", "--lowercase", "--no-cache"])
     with pytest.raises(SystemExit):
         main(["eval", "--encoder", "bm25"])
 

@@ -342,3 +342,73 @@ def test_unknown_qrels_refused_when_strict(tmp_path, qrels, line, bad):
     assert f"{folder / 'qrels' / 'test.tsv'}:{line}" in str(err.value)
     assert repr(bad) in str(err.value) or bad in str(err.value)
     assert load_beir(folder).stats != {"dropped_qrels_unknown_query": 0, "dropped_qrels_unknown_document": 0}
+
+
+# ---------------------------------------------------------------- byte-order marks and encodings
+
+BOM = "\ufeff"
+
+
+@pytest.mark.parametrize(
+    "files",
+    [
+        {"corpus": BOM + jsonl(CORPUS)},
+        {"queries": BOM + jsonl(QUERIES)},
+        {"qrels": BOM + QRELS},
+        {"qrels": BOM + QRELS.split("\n", 1)[1]},  # no header: the mark sits on the first judgement's query id
+    ],
+    ids=["corpus", "queries", "qrels-header", "qrels-no-header"],
+)
+def test_a_bom_at_the_start_of_a_file_is_dropped(tmp_path, files):
+    ref = load_beir(write(tmp_path / "ref"))
+    ds = load_beir(write(tmp_path / "bom", **files), strict=True)
+    assert ds.corpus == ref.corpus and ds.queries == ref.queries and ds.qrels == ref.qrels
+
+
+def test_a_bom_is_dropped_at_the_start_of_a_line_of_concatenated_files(tmp_path):
+    ref = load_beir(write(tmp_path / "ref"))
+    rows = QRELS.split("\n", 1)[1].splitlines(keepends=True)
+    folder = write(
+        tmp_path / "cat",
+        corpus=BOM + jsonl(CORPUS[:2]) + BOM + jsonl(CORPUS[2:]),
+        queries=jsonl(QUERIES[:1]) + BOM + jsonl(QUERIES[1:]),
+        qrels=BOM + "query-id\tcorpus-id\tscore\n" + rows[0] + BOM + "".join(rows[1:]),
+    )
+    ds = load_beir(folder, strict=True)
+    assert ds.corpus == ref.corpus and ds.queries == ref.queries and ds.qrels == ref.qrels
+
+
+def _encoding_error(folder: Path, fname: str) -> str:
+    with pytest.raises(DatasetError) as err:
+        load_beir(folder)
+    msg = str(err.value)
+    assert str(folder / fname) in msg
+    assert "UTF-8" in msg and "iconv" in msg
+    return msg
+
+
+@pytest.mark.parametrize(
+    "fname,text,line",
+    [
+        ("corpus.jsonl", jsonl(CORPUS[:2]) + '{"_id": "d3", "text": "caf\u00e9"}\n', 3),
+        ("qrels/test.tsv", QRELS + "q1\td\u00e9\t1\n", 5),
+    ],
+)
+def test_latin1_files_are_refused_naming_line_and_byte_offset(tmp_path, fname, text, line):
+    folder = write(tmp_path / "l")
+    (folder / fname).write_bytes(text.encode("latin-1"))
+    msg = _encoding_error(folder, fname)
+    offset = text.encode("latin-1").index(b"\xe9")
+    assert f"{fname}:{line}:" in msg and f"offset {offset}" in msg and "0xe9" in msg
+    assert "iconv -f latin1 -t utf-8" in msg
+
+
+def test_utf16_files_are_refused_as_utf16(tmp_path):
+    folder = write(tmp_path / "u")
+    (folder / "queries.jsonl").write_bytes(jsonl(QUERIES).encode("utf-16"))  # with its byte-order mark
+    msg = _encoding_error(folder, "queries.jsonl")
+    assert "queries.jsonl:1:" in msg and "offset 0" in msg and "UTF-16" in msg
+    assert "iconv -f utf-16 -t utf-8" in msg
+    (folder / "queries.jsonl").write_bytes(jsonl(QUERIES).encode("utf-16-le"))  # no mark: NUL bytes give it away
+    msg = _encoding_error(folder, "queries.jsonl")
+    assert "queries.jsonl:1:" in msg and "offset 1" in msg and "UTF-16" in msg

@@ -29,8 +29,26 @@ class Encoder(Protocol):
     def encode_queries(self, texts: Sequence[str]) -> np.ndarray: ...
 
 
+def scale_rows(x: np.ndarray) -> np.ndarray:
+    """Each row times the power of two that brings its largest ``|entry|`` into [0.5, 1); zero rows stay zero.
+
+    Only exponents change, so the result is exact and an ordinary row normalises
+    to the very same bits as before, but a row around 1e-30 or 1e30 no longer
+    underflows or overflows its sum of squares. float16 is widened to float32.
+    """
+    x = np.asarray(x)
+    x = x.astype(np.promote_types(x.dtype, np.float32), copy=False)
+    _, exponent = np.frexp(np.abs(x).max(axis=1, keepdims=True))
+    return np.ldexp(x, -exponent)
+
+
 def l2_normalise(x: np.ndarray) -> np.ndarray:
-    """Row-normalise to unit length; all-zero rows stay zero (an empty text has no direction)."""
+    """Row-normalise to unit length as float32, whatever the rows' scale; all-zero rows stay zero.
+
+    An empty text has no direction. Rows are first brought to a safe scale
+    (:func:`scale_rows`), so ``c * x`` normalises like ``x`` for tiny and huge ``c``.
+    """
+    x = scale_rows(x)
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return (x / np.where(norms > 0, norms, 1.0)).astype(np.float32, copy=False)
 

@@ -8,6 +8,31 @@ import gymnasium as gym
 
 from .task import RetrievalTask
 
+RENDER_MODES = ("ansi",)
+
+
+class UnsupportedRenderMode(ValueError, TypeError):
+    """A render mode the env does not have.
+
+    Also a ``TypeError`` because Stable-Baselines3's ``make_vec_env`` asks for
+    ``render_mode="rgb_array"`` and retries without it only on ``TypeError``.
+    """
+
+
+def check_reset_options(options: dict[str, Any] | None, allowed: tuple[str, ...], env: str) -> dict[str, Any]:
+    """``options`` (``{}`` for None), refusing keys ``env`` would otherwise silently ignore."""
+    options = options or {}
+    if "query_ids" in options and "query_ids" not in allowed:
+        raise ValueError(
+            f"{env} runs one query per episode and cannot take options['query_ids']; pin one query with "
+            "options={'query_id': qid}, or pin one per env in the vector env: "
+            "gymnasium.make_vec('SearchR3-v0', num_envs=N) and reset(options={'query_ids': [...]})"
+        )
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"{env}.reset: unknown option(s) {unknown}; the options are {list(allowed)}")
+    return options
+
 
 class RetrievalEnv(gym.Env):
     """Search as a one-step decision: read a query, answer with its embedding.
@@ -22,9 +47,11 @@ class RetrievalEnv(gym.Env):
 
     ## Action Space
     ``Box(-1, 1, (dim,), float32)``: the query embedding, where ``dim`` is the
-    index's dimension (4096 with the default hashing document encoder). Vectors
-    that are not unit length are normalised before scoring; a wrong shape or a
-    non-float dtype, NaN/inf, or an all-zero vector raises ``ValueError``.
+    index's dimension (4096 with the default hashing document encoder). Only the
+    direction counts: vectors of any finite non-zero scale (1e-30 as well as
+    1e30, float32 or float64) are normalised before scoring and rank alike; a
+    wrong shape or a non-float dtype, NaN/inf, or an exactly zero vector raises
+    ``ValueError`` naming the query.
 
     ## Observation Space
     ``Text``: the query string, exactly as in the collection (no truncation). Its
@@ -41,7 +68,9 @@ class RetrievalEnv(gym.Env):
     ## Starting State
     ``reset`` draws a query uniformly from the judged queries of the chosen split
     with the env's seeded RNG (same seed, same queries, same rewards), or pins one
-    with ``options={"query_id": qid}`` (GRPO groups, evaluation sweeps).
+    with ``options={"query_id": qid}`` (GRPO groups, evaluation sweeps). Any
+    other option raises ``ValueError``; to pin one query per env, use the vector
+    env (``gymnasium.make_vec("SearchR3-v0", num_envs=N)``, ``options={"query_ids": [...]}``).
 
     ## Episode End
     The episode terminates after one step. ``info`` then holds ``query_id``,
@@ -67,18 +96,20 @@ class RetrievalEnv(gym.Env):
       ``"full"``, ``"frozen"``, or a policy object from ``searchr3_env.refresh``.
       With an encoder whose weights never change (the default) nothing is ever
       re-encoded.
-    - ``render_mode``: ``None`` or ``"ansi"`` (a text summary of the last step).
+    - ``render_mode``: ``None`` or ``"ansi"`` (a text summary of the last step);
+      any other raises ``UnsupportedRenderMode``, both a ``ValueError`` and a
+      ``TypeError`` (so Stable-Baselines3's ``make_vec_env`` falls back to none).
 
     ## Version History
     - v0: initial version.
     """
 
-    metadata = {"render_modes": ["ansi"], "render_fps": 1}
+    metadata = {"render_modes": list(RENDER_MODES), "render_fps": 1}
 
     def __init__(self, render_mode: str | None = None, task: RetrievalTask | None = None, **task_kwargs: Any):
         """``task_kwargs`` are ``RetrievalTask``'s (see Arguments); ``task`` shares an existing one."""
-        if render_mode not in (None, "ansi"):
-            raise ValueError(f"render_mode must be None or 'ansi', got {render_mode!r}")
+        if render_mode is not None and render_mode not in RENDER_MODES:
+            raise UnsupportedRenderMode(f"render_mode must be None or one of {list(RENDER_MODES)}, got {render_mode!r}")
         self.render_mode = render_mode
         self.task = task or RetrievalTask(**task_kwargs)
         self.observation_space = self.task.observation_space
@@ -96,7 +127,7 @@ class RetrievalEnv(gym.Env):
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
-        options = options or {}
+        options = check_reset_options(options, ("query_id",), "RetrievalEnv")
         if options.get("query_id") is not None:
             self._query_id = self.task.check_query_id(options["query_id"])
         else:
@@ -108,7 +139,7 @@ class RetrievalEnv(gym.Env):
     def step(self, action):
         if self._query_id is None:
             raise RuntimeError("call reset() before step(): the episode has ended or not started")
-        embedding = self.task.check_actions(action)
+        embedding = self.task.check_actions(action, [self._query_id], batched=False)
         scored = self.task.score([self._query_id], embedding)
         info = self.task.info_row(self._query_id, scored, 0)
         obs = self.task.query_text(self._query_id)

@@ -13,14 +13,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from gymnasium import spaces
 
 from .beir import load_beir
 from .dataset import RetrievalDataset
-from .encoders import Encoder, HashingEncoder
+from .encoders import Encoder, HashingEncoder, l2_normalise, scale_rows
 from .index import CorpusIndex
 from .metrics import ndcg
 from .refresh import RefreshReport, get_policy
@@ -140,25 +140,31 @@ class RetrievalTask:
             )
         return query_id
 
-    def check_actions(self, actions: Any, batch: int | None = None) -> np.ndarray:
-        """Validate embeddings and return them unit-normalised as (n, dim) float32.
+    def check_actions(self, actions: Any, query_ids: Sequence[str], batched: bool = True) -> np.ndarray:
+        """Validate the embeddings for ``query_ids`` and return them unit-normalised as (n, dim) float32.
 
-        Non-unit vectors are normalised (an embedding's direction is what ranks);
-        wrong shape or dtype, NaN/inf and all-zero vectors raise ``ValueError``.
+        ``batched`` actions are (n, dim), one row per query id; a single env's is
+        (dim,). Only the direction ranks, so any finite non-zero scale is
+        accepted: rows are brought to a safe scale by a power of two (exact, so
+        ordinary vectors normalise to the same bits as ``a / |a|`` in float32)
+        before their float32 norm is taken. Wrong shape or dtype, NaN/inf and
+        exactly-zero vectors raise ``ValueError`` naming the query.
         """
         a = np.asarray(actions)
-        want = (self.dim,) if batch is None else (batch, self.dim)
+        want = (len(query_ids), self.dim) if batched else (self.dim,)
         if a.shape != want:
             raise ValueError(f"action: expected shape {want}, got {a.shape} (dtype {a.dtype})")
         if not np.issubdtype(a.dtype, np.floating):
             raise ValueError(f"action: expected a float array, got dtype {a.dtype}")
-        a = a.reshape(-1, self.dim).astype(np.float32)
-        if not np.isfinite(a).all():
-            raise ValueError(f"action: contains NaN or inf (row {int(np.argwhere(~np.isfinite(a))[0, 0])})")
-        norms = np.linalg.norm(a, axis=1, keepdims=True)
-        if (norms == 0).any():
-            raise ValueError(f"action: zero vector has no direction (row {int(np.flatnonzero(norms == 0)[0])})")
-        return a / norms
+        a = a.reshape(-1, self.dim)
+        for problem, bad in (
+            ("contains NaN or inf", ~np.isfinite(a).all(axis=1)),
+            ("is a zero vector, which has no direction", ~a.any(axis=1)),
+        ):
+            if bad.any():
+                row = int(np.flatnonzero(bad)[0])
+                raise ValueError(f"action for query {query_ids[row]!r} (row {row}) {problem}")
+        return l2_normalise(scale_rows(a).astype(np.float32))
 
     def score(self, query_ids: list[str], embeddings: np.ndarray) -> BatchScore:
         """Rank the relevant documents of each query against the index: one matrix product."""

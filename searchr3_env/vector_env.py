@@ -18,6 +18,7 @@ import numpy as np
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
+from .env import UnsupportedRenderMode, check_reset_options
 from .task import RetrievalTask
 
 
@@ -33,7 +34,7 @@ class RetrievalVectorEnv(VectorEnv):
     def __init__(self, num_envs: int = 1, task: RetrievalTask | None = None, **task_kwargs: Any):
         """``task_kwargs`` are ``RetrievalTask``'s (as for ``RetrievalEnv``); ``task`` shares an existing one."""
         if task_kwargs.pop("render_mode", None) is not None:
-            raise ValueError("RetrievalVectorEnv does not render")
+            raise UnsupportedRenderMode("RetrievalVectorEnv does not render: pass render_mode=None")
         task_kwargs.pop("max_episode_steps", None)  # passed by make_vec; episodes are one step anyway
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
@@ -55,7 +56,7 @@ class RetrievalVectorEnv(VectorEnv):
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
-        options = options or {}
+        options = check_reset_options(options, ("query_id", "query_ids"), "RetrievalVectorEnv")
         if options.get("query_ids") is not None:
             pinned = list(options["query_ids"])
             if len(pinned) != self.num_envs:
@@ -73,7 +74,7 @@ class RetrievalVectorEnv(VectorEnv):
     def step(self, actions):
         if self._query_ids is None:
             raise RuntimeError("call reset() before step()")
-        embeddings = self.task.check_actions(actions, batch=self.num_envs)
+        embeddings = self.task.check_actions(actions, self._query_ids)
         scored_ids = self._query_ids
         scored = self.task.score(scored_ids, embeddings)
         final_obs = self._observations(self._query_ids)

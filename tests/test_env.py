@@ -11,6 +11,7 @@ from gymnasium.vector import AutoresetMode
 
 import searchr3_env
 from searchr3_env import CorpusIndex, Document, HashingEncoder, RetrievalDataset, RetrievalEnv, RetrievalTask
+from searchr3_env.encoders import l2_normalise
 from searchr3_env.rewards import get_reward
 
 
@@ -133,12 +134,106 @@ def test_non_unit_actions_are_normalised(task):
     assert env.step(action * 37.0)[1] == pytest.approx(r1, rel=1e-6)
 
 
+SCALES = [1e-30, 1e-20, 1e-5, 3.7, 1e20, 1e25, 1e30, 2.0**-99, 2.0**99]
+
+
+def scale_test_vectors(task) -> list[tuple[str, np.ndarray]]:
+    """(query id, action) pairs: random directions and the hashing encoder's real query embeddings."""
+    rng = np.random.default_rng(11)
+    qids = task.query_ids[:6]
+    real = task.encoder.encode_queries([task.query_text(q) for q in qids[3:]])
+    return [(q, rng.standard_normal(task.dim)) for q in qids[:3]] + list(zip(qids[3:], real))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_action_scale_never_changes_the_reward(task, dtype):
+    # Regression: 1e25 * v overflowed the float32 norm (ranked last), 1e-30 * v was called a zero vector.
+    single = RetrievalEnv(task=task)
+    vec = searchr3_env.RetrievalVectorEnv(num_envs=len(SCALES), task=task)
+    for qid, v in scale_test_vectors(task):
+        v = v.astype(dtype)
+        single.reset(options={"query_id": qid})
+        _, expected, *_, info = single.step(v)
+        for c in SCALES:
+            single.reset(options={"query_id": qid})
+            _, reward, *_, scaled_info = single.step(c * v)
+            assert (reward, scaled_info["ranks"]) == (expected, info["ranks"]), c
+        vec.reset(options={"query_id": qid})
+        _, rewards, *_ = vec.step(np.stack([c * v for c in SCALES]))
+        assert rewards.tolist() == [expected] * len(SCALES)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_only_an_exactly_zero_action_is_refused(task, dtype):
+    env = RetrievalEnv(task=task)
+    best_doc = np.flatnonzero(task.index.embeddings[task.index.positions(["d0"])[0]])
+    tiny = np.zeros(task.dim, dtype=dtype)
+    tiny[best_doc] = np.finfo(dtype).smallest_subnormal  # not zero, so it has a direction
+    env.reset(options={"query_id": "q0"})
+    _, reward, *_ = env.step(tiny)
+    env.reset(options={"query_id": "q0"})
+    assert reward == env.step((tiny > 0).astype(dtype))[1]
+    env.reset(options={"query_id": "q0"})
+    with pytest.raises(ValueError, match=r"query 'q0' \(row 0\) is a zero vector"):
+        env.step(np.zeros(task.dim, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_ordinary_actions_normalise_to_the_same_bits_as_before(task, dtype):
+    # Golden runs depend on it: the scale-safe path must equal a / |a| computed in float32.
+    actions = np.random.default_rng(5).standard_normal((8, task.dim)).astype(dtype)
+    actions[4:] /= np.linalg.norm(actions[4:], axis=1, keepdims=True)
+    as32 = actions.astype(np.float32)
+    expected = as32 / np.linalg.norm(as32, axis=1, keepdims=True)
+    np.testing.assert_array_equal(task.check_actions(actions, task.query_ids[:8]), expected)
+
+
+def test_l2_normalise_is_scale_free_and_exact():
+    x = np.random.default_rng(6).standard_normal((4, 64))
+    x[3] = 0.0
+    for dtype in (np.float32, np.float64):
+        base = l2_normalise(x.astype(dtype))
+        rows = x[:3].astype(dtype)
+        np.testing.assert_array_equal(base[:3], (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32))
+        for c in SCALES:
+            scaled = l2_normalise(c * x.astype(dtype))
+            np.testing.assert_allclose(scaled, base, atol=1e-7, err_msg=str(c))
+            assert (scaled[3] == 0).all()
+        np.testing.assert_array_equal(l2_normalise(2.0**-99 * x.astype(dtype)), base)
+
+
 def test_step_without_reset_and_unknown_query(task):
     env = RetrievalEnv(task=task)
     with pytest.raises(RuntimeError, match="reset"):
         env.step(np.ones(task.dim, dtype=np.float32))
     with pytest.raises(ValueError, match="unjudged"):
         env.reset(options={"query_id": "unjudged"})
+
+
+@pytest.mark.filterwarnings("ignore:.*not in the possible render_modes")
+def test_unsupported_render_mode_is_a_type_error_for_stable_baselines3():
+    # SB3's make_vec_env asks for render_mode="rgb_array" and falls back to none only on TypeError.
+    for make in (gymnasium.make, lambda *a, **kw: gymnasium.make_vec(*a, num_envs=2, **kw)):
+        with pytest.raises(TypeError, match="render_mode") as caught:
+            make("SearchR3-v0", render_mode="rgb_array", dataset=tiny_dataset())
+        assert isinstance(caught.value, ValueError)
+    with pytest.raises(ValueError, match=r"one of \['ansi'\], got 'human'"):
+        RetrievalEnv(render_mode="human", dataset=tiny_dataset())
+
+
+def test_single_env_refuses_query_ids_and_unknown_options(task):
+    env = RetrievalEnv(task=task)
+    with pytest.raises(ValueError, match=r"make_vec\('SearchR3-v0', num_envs=N\).*'query_ids'"):
+        env.reset(options={"query_ids": task.query_ids[:2]})
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['qid'\]; the options are \['query_id'\]"):
+        env.reset(options={"qid": task.query_ids[0]})
+    assert env.reset(options={"query_id": None})[1]["query_id"] in task.query_ids
+
+
+def test_vector_env_refuses_unknown_options(task):
+    vec = searchr3_env.RetrievalVectorEnv(num_envs=2, task=task)
+    with pytest.raises(ValueError, match=r"\['query_ids_'\]; the options are \['query_id', 'query_ids'\]"):
+        vec.reset(options={"query_ids_": task.query_ids[:2]})
 
 
 def test_split_draws_only_its_queries():

@@ -56,7 +56,9 @@ class RetrievalEnv(gym.Env):
     ## Observation Space
     ``Text``: the query string, exactly as in the collection (no truncation). Its
     ``max_length`` is the longest query of the collection and its ``charset`` is
-    every character the collection's queries use.
+    every character the collection's queries use. Gymnasium's ``AsyncVectorEnv``
+    needs ``shared_memory=False`` for it (its shared memory cannot carry Text);
+    without it construction fails and says so.
 
     ## Rewards
     A named function of the relevant documents' exact ranks over the full corpus

@@ -17,6 +17,8 @@ from typing import Any, Sequence
 
 import numpy as np
 from gymnasium import spaces
+from gymnasium.error import CustomSpaceError
+from gymnasium.vector.utils import create_shared_memory
 
 from .beir import load_beir
 from .dataset import RetrievalDataset
@@ -45,6 +47,27 @@ def resolve_dataset(dataset: DatasetLike) -> RetrievalDataset:
 
 def default_document_encoder(dataset: RetrievalDataset) -> HashingEncoder:
     return HashingEncoder().fit(dataset.document_texts())
+
+
+class QueryText(spaces.Text):
+    """The observation space: ``Text`` that refuses Gymnasium's shared memory, which cannot carry it.
+
+    Gymnasium 1.x's ``AsyncVectorEnv`` decodes a ``Text`` space's shared memory
+    into strings once, when it is built (only array spaces come back as live
+    views), so every later observation would be the blank strings read then.
+    Refusing makes ``AsyncVectorEnv`` fail at construction with the way out.
+    """
+
+
+@create_shared_memory.register(QueryText)
+def _refuse_shared_memory(space: QueryText, n: int = 1, ctx: Any = None):
+    raise CustomSpaceError(
+        "SearchR3's query-text observations cannot travel through AsyncVectorEnv's shared memory (Gymnasium reads "
+        "Text from it once, so every env would observe blank queries). Use "
+        "gymnasium.make_vec('SearchR3-v0', num_envs=N, vectorization_mode='async', "
+        "vector_kwargs={'shared_memory': False}), or the native vector env: gymnasium.make_vec('SearchR3-v0', "
+        "num_envs=N), which scores all N queries with one matrix product"
+    )
 
 
 @dataclass
@@ -99,7 +122,7 @@ class RetrievalTask:
             self.rel_grades[i, : len(judged)] = list(judged.values())
         # The observation space covers every query of the collection, whatever the split.
         texts = list(full.queries.values())
-        self.observation_space = spaces.Text(
+        self.observation_space = QueryText(
             max_length=max(len(t) for t in texts), min_length=0, charset=frozenset("".join(texts)) or frozenset(" ")
         )
         self.action_space = spaces.Box(-1.0, 1.0, (self.index.dim,), np.float32)

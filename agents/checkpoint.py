@@ -25,7 +25,6 @@ is refused, never run.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import pickle
@@ -39,6 +38,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from searchr3_env.atomic import atomic_write, remove_stale_temporaries, staging_folder
+from searchr3_env.cache_keys import cache_key, file_digest
 
 WEIGHTS, OPTIMIZER, RNG, CONFIG, STATE = "weights.safetensors", "optimizer.pt", "rng.pt", "config.json", "state.json"
 FILES = (WEIGHTS, OPTIMIZER, RNG, CONFIG, STATE)
@@ -177,9 +177,13 @@ def _load_pt(path: Path):
 
 
 def weights_digest(checkpoint: Path) -> str:
-    """Short content hash of the weights: names a checkpoint's corpus index in the cache."""
-    h = hashlib.sha256()
-    with open(Path(checkpoint) / WEIGHTS, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:10]
+    """Short content hash of the weights: tells checkpoints apart in encoder names."""
+    return file_digest(Path(checkpoint) / WEIGHTS)[:10]
+
+
+def checkpoint_id(checkpoint: Path, base: str | None) -> str | None:
+    """What a model is after loading ``checkpoint`` over weights named ``base`` (None if unnamed): the corpus-index
+    cache key of its embeddings covers the saved weights and the config that says how they apply (LoRA scale...)."""
+    if base is None:
+        return None
+    return cache_key(base, file_digest(Path(checkpoint) / WEIGHTS), file_digest(Path(checkpoint) / CONFIG))

@@ -21,7 +21,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .prompts import DOCUMENT_SYSTEM, EMBED_TOKEN, QUERY_SYSTEM, PromptTemplate
+from searchr3_env.cache_keys import cache_key
+
+from .prompts import DOCUMENT_SYSTEM, EMBED_TOKEN, PROMPT_FORMAT, QUERY_SYSTEM, PromptTemplate
 
 
 def add_embed_token(model, tokenizer) -> int:
@@ -72,6 +74,9 @@ class LLMEmbedder:
         sample, temperature: sampled (instead of greedy) reasoning, for RL rollouts.
         batch_size: sequences per forward pass in ``encode_*``.
         version: starting encoder version; :meth:`bump_version` after every optimiser step.
+        weights_id: what the weights are, e.g. a digest of the model files (``cache_keys.folder_digest``) and of
+            a checkpoint's weights; None (an embedder that cannot say) is never cached. An optimiser step
+            clears it.
     """
 
     def __init__(
@@ -88,6 +93,7 @@ class LLMEmbedder:
         temperature: float = 0.7,
         batch_size: int = 16,
         version: int = 0,
+        weights_id: str | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -99,7 +105,7 @@ class LLMEmbedder:
         self.document_template = PromptTemplate.build(tokenizer, DOCUMENT_SYSTEM)
         self.name = name
         self.dim = int(model.config.hidden_size)
-        self.version = version
+        self._version = version
         self.max_doc_tokens = max_doc_tokens
         self.max_query_tokens = max_query_tokens
         self.lowercase = lowercase
@@ -107,10 +113,32 @@ class LLMEmbedder:
         self.sample = sample
         self.temperature = temperature
         self.batch_size = batch_size
+        self.weights_id = weights_id
+
+    @property
+    def cache_key(self) -> str | None:
+        """Names everything that produces this embedder's document rows (the corpus-index cache key):
+        weights, dtype, prompt format and template, case folding, truncation. None if the weights are unnamed."""
+        if self.weights_id is None:
+            return None
+        template = self.document_template
+        return cache_key(self.weights_id, self.model.dtype, PROMPT_FORMAT, template.before, template.after,
+                         template.answer, self.lowercase, self.max_doc_tokens)
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    @version.setter
+    def version(self, value: int) -> None:
+        """Another version means other weights, which ``weights_id`` no longer names (whoever sets it)."""
+        if value != self._version:
+            self.weights_id = None
+        self._version = value
 
     def bump_version(self) -> None:
         """Record that the weights changed, so indexes know their rows are stale."""

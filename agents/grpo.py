@@ -82,6 +82,7 @@ from searchr3_env.vector_env import RetrievalVectorEnv
 from .checkpoint import (
     CONFIG,
     STATE,
+    checkpoint_id,
     latest_checkpoint,
     load_training_state,
     load_weights,
@@ -188,10 +189,12 @@ def load_grpo_agent(path: str | Path, *, batch_size: int = 16) -> tuple[LLMEmbed
     checkpoint = resolve_checkpoint(path)
     cfg = GRPOConfig(**read_json(checkpoint, CONFIG))
     policy, documents, _, _ = build_policy(cfg)
+    sft_id = policy.weights_id
     load_weights(checkpoint, policy.model)
     policy.model.requires_grad_(False).eval()
     policy.name = f"{policy.name}-grpo-{weights_digest(checkpoint)}"
     policy.version = read_json(checkpoint, STATE)["version"]
+    policy.weights_id = checkpoint_id(checkpoint, sft_id)
     policy.batch_size = batch_size
     return policy, documents
 

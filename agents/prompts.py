@@ -22,6 +22,8 @@ EMBED_TOKEN = "<|embed_token|>"
 QUERY_SYSTEM = "Please represent user queries."
 DOCUMENT_SYSTEM = "Please represent the document."
 ANSWER = f"The embedding is {EMBED_TOKEN}"
+# Grows whenever the way sequences are assembled changes: part of the embedder's cache key, with the template's ids.
+PROMPT_FORMAT = 1
 _PLACEHOLDER = "\u2063USER\u2063"  # invisible separators: never part of real text
 
 

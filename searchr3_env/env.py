@@ -88,7 +88,8 @@ class RetrievalEnv(gym.Env):
     - ``encoder``: the document encoder (follows the encoder protocol); default a
       ``HashingEncoder`` fitted to the corpus.
     - ``index``: a ``CorpusIndex`` or a saved index path; default: built by
-      encoding the corpus with ``encoder``.
+      encoding the corpus with ``encoder``. The env pickles (Ray,
+      multiprocessing); an index loaded from a file travels as its path.
     - ``reward``: see Rewards (default ``"ndcg"``).
     - ``split``: ``"train"`` (default), ``"test"`` or ``"all"``: the deterministic
       query split by hashed query id.

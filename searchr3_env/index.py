@@ -14,6 +14,10 @@ Ranks are pessimistic: rank(d) = number of documents scoring >= score(d), so a
 document tied with a relevant one counts as ranked above it and ties can never
 help an agent (a constant action ranks every relevant document last). "Tied"
 includes float32 rounding: scores within ``TIE_RTOL * |q| * |d|`` of each other.
+
+An index pickles without its FAISS objects (rebuilt on the next search); one
+loaded from a file and unchanged since pickles as the file's path and checksum,
+and unpickling reopens the file, refusing it if it has changed.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ FORMAT = "searchr3-corpus-index/1"
 TIE_RTOL = 2e-6
 # Score blocks of at most this many floats are materialised at once in ranks().
 _BLOCK_FLOATS = 1 << 25
+# What a pickled index that equals its saved file reads back from the file instead of carrying.
+_FILE_ARRAYS = ("doc_ids", "_pos", "_emb", "_versions")
 
 
 class IndexFileError(ValueError):
@@ -83,10 +89,11 @@ class CorpusIndex:
         self._ann: faiss.Index | None = None  # built on first search for non-flat factories
         self._ann_synced = False  # whether _ann holds exactly the current rows
         self.gpu = gpu
-        if gpu and (not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0):
-            raise RuntimeError("gpu=True needs faiss-gpu and a visible GPU (pip install 'searchr3[gpu]')")
-        self._gpu_res = faiss.StandardGpuResources() if gpu else None
+        self._gpu_res = None  # faiss.StandardGpuResources, made on first need
+        if gpu:
+            self._gpu_resources()  # fail early without a GPU
         self._oldest: int | None = None
+        self._source: tuple[str, str] | None = None  # (path, checksum) of the file this index equals, if any
         if factory != "Flat":
             faiss.index_factory(self.dim, factory, faiss.METRIC_INNER_PRODUCT)  # fail early on a bad string
 
@@ -192,6 +199,7 @@ class CorpusIndex:
         """
         self.index_version += 1
         self._oldest = None
+        self._source = None
         if self._ann is None or not self._ann_synced:
             return
         try:
@@ -208,6 +216,14 @@ class CorpusIndex:
             queries = queries[None]
         return check_embeddings(queries, self.dim, "queries")
 
+    def _gpu_resources(self):
+        """faiss-gpu's resources, made once per process (they cannot be pickled)."""
+        if self._gpu_res is None:
+            if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
+                raise RuntimeError("gpu=True needs faiss-gpu and a visible GPU (pip install 'searchr3[gpu]')")
+            self._gpu_res = faiss.StandardGpuResources()
+        return self._gpu_res
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, positions) per query, best first; positions are -1 where fewer than k exist."""
         queries = self._check_queries(queries)
@@ -216,13 +232,13 @@ class CorpusIndex:
             raise ValueError(f"FAISS on GPU returns at most 2048 neighbours per query, asked for {k}")
         if self.factory == "Flat":
             if self.gpu:
-                return faiss.knn_gpu(self._gpu_res, queries, self._emb, k, metric=faiss.METRIC_INNER_PRODUCT)
+                return faiss.knn_gpu(self._gpu_resources(), queries, self._emb, k, metric=faiss.METRIC_INNER_PRODUCT)
             return faiss.knn(queries, self._emb, k, metric=faiss.METRIC_INNER_PRODUCT)
         if self._ann is None:
             self._ann = faiss.index_factory(self.dim, self.factory, faiss.METRIC_INNER_PRODUCT)
             self._ann.train(self._emb)
             if self.gpu:
-                self._ann = faiss.index_cpu_to_gpu(self._gpu_res, 0, self._ann)
+                self._ann = faiss.index_cpu_to_gpu(self._gpu_resources(), 0, self._ann)
         if not self._ann_synced:
             self._ann.reset()  # keeps the trained quantizer
             self._ann.add(self._emb)  # ids are row positions
@@ -394,7 +410,39 @@ class CorpusIndex:
             corpus_fingerprint=manifest["corpus_fingerprint"],
         )
         index.index_version = manifest["index_version"]
+        index._source = (str(path.resolve()), manifest["sha256"])
         return index
+
+    # ------------------------------------------------------------------ pickling
+    def __getstate__(self) -> dict:
+        """Everything but FAISS objects (rebuilt on demand); an index still equal to its file keeps only its path.
+
+        Workers (Ray, multiprocessing) then reopen the file instead of receiving
+        a copy of the embedding matrix; an index changed since it was loaded
+        pickles its arrays.
+        """
+        state = self.__dict__ | {"_ann": None, "_ann_synced": False, "_gpu_res": None}
+        if self._source is not None:
+            for name in _FILE_ARRAYS:
+                del state[name]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if "_emb" in state:
+            return
+        path, checksum = self._source
+        try:
+            saved = CorpusIndex.load(path)
+        except IndexFileError as err:
+            raise IndexFileError(f"cannot restore a pickled index from its file: {err}") from None
+        if saved._source[1] != checksum:
+            raise IndexFileError(
+                f"{path}: the file changed since this index was pickled (checksum {checksum[:12]}..., now "
+                f"{saved._source[1][:12]}...); pickle the index again, or load the new file"
+            )
+        for name in _FILE_ARRAYS:
+            setattr(self, name, getattr(saved, name))
 
     def __repr__(self) -> str:
         return (

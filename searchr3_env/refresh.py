@@ -153,6 +153,14 @@ class FullRefresh:
         if self._thread is not None:
             self._thread.join()
 
+    def __getstate__(self) -> dict:
+        """All but the lock and the thread: a copy restarts a rebuild that was still running when it was made."""
+        with self._lock:
+            return self.__dict__ | {"_lock": None, "_thread": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _lock=threading.Lock())
+
 
 class LocalRefresh:
     """Re-encode only the rows that decide this batch's rewards (see the module docstring)."""

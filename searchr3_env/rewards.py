@@ -14,6 +14,7 @@ count against the agent). Built-in names:
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable
 
 import numpy as np
@@ -23,13 +24,26 @@ from .metrics import ndcg, parse_metric, recall, reciprocal_rank
 RewardFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
+def ndcg_reward(ranks: np.ndarray, grades: np.ndarray) -> np.ndarray:
+    return ndcg(ranks, grades)
+
+
+def reciprocal_rank_reward(ranks: np.ndarray, grades: np.ndarray) -> np.ndarray:
+    return reciprocal_rank(ranks)
+
+
 def neg_log_rank(ranks: np.ndarray, grades: np.ndarray) -> np.ndarray:
     return -np.log(np.asarray(ranks, dtype=np.float64).min(axis=1))
 
 
+def recall_reward(ranks: np.ndarray, grades: np.ndarray, k: int) -> np.ndarray:
+    return recall(ranks, (np.asarray(grades) > 0).sum(axis=1), k)
+
+
+# Module-level functions, not lambdas, so that envs pickle (Ray, multiprocessing).
 REWARDS: dict[str, RewardFn] = {
-    "ndcg": lambda ranks, grades: ndcg(ranks, grades),
-    "reciprocal_rank": lambda ranks, grades: reciprocal_rank(ranks),
+    "ndcg": ndcg_reward,
+    "reciprocal_rank": reciprocal_rank_reward,
     "neg_log_rank": neg_log_rank,
 }
 
@@ -42,5 +56,5 @@ def get_reward(spec: str | RewardFn) -> tuple[str, RewardFn]:
         return spec, REWARDS[spec]
     if isinstance(spec, str) and spec.startswith("recall@"):
         _, k = parse_metric(spec)
-        return spec, lambda ranks, grades: recall(ranks, (np.asarray(grades) > 0).sum(axis=1), k)
+        return spec, partial(recall_reward, k=k)
     raise ValueError(f"unknown reward {spec!r}; choose one of {sorted(REWARDS)}, 'recall@K', or a callable")

@@ -7,7 +7,7 @@ survives a crash. :func:`staging_folder` is the same for a whole folder, which t
 
 A process killed mid-save (SIGKILL, or a SIGTERM, which Python does not turn into an exception) leaves its
 temporary behind, as large as what it was writing. So a temporary is named after its owner,
-``.{target}.{host}.{pid}.{random}.tmp``, and every save, and every load that calls it, of a target first runs
+``.{target}.{host}.{pid}.{random}.tmp``, and every save of a target (and loads, which call it too) first runs
 :func:`remove_stale_temporaries`: it removes the target's temporaries whose process is gone (this host, pid
 no longer running). One of a live process, of another host (a shared filesystem) or with a name it cannot
 parse is left alone, so a save in progress is never broken.

@@ -209,6 +209,11 @@ class RetrievalTask:
             oldest_row_version=versions.min(axis=1),
         )
 
+    def unretrieved_rewards(self, query_ids: Sequence[str]) -> np.ndarray:
+        """(n,) rewards of queries that retrieve nothing: every relevant document at rank inf."""
+        grades = self.rel_grades[np.array([self._qpos[q] for q in query_ids], dtype=np.int64)]
+        return np.asarray(self.reward_fn(np.full(grades.shape, np.inf), grades), dtype=np.float64)
+
     def info_row(self, query_id: str, scored: BatchScore, i: int) -> dict[str, Any]:
         """The ``info`` dict of one scored query.
 

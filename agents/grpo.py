@@ -64,7 +64,7 @@ import json
 import logging
 import resource
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -92,12 +92,12 @@ from .checkpoint import (
     save_checkpoint,
     weights_digest,
 )
+from .config import GRPOConfig, SFTConfig
 from .embedder import LLMEmbedder, reference_logits
 from .losses import info_nce, kl_to_reference
 from .metrics_log import MetricsLog
 from .rollouts import Rollouts, group_advantages, sample_rollouts
 from .sft import (
-    SFTConfig,
     build_optimizer,
     cosine_schedule,
     load_agent,
@@ -107,60 +107,6 @@ from .sft import (
 )
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class GRPOConfig:
-    # --- data and model
-    data: str  # BEIR folder or "synthetic"; rollouts use its train split only
-    init: str  # SFT checkpoint or run folder: the starting policy and the KL reference
-    output_dir: str = "runs/grpo"  # checkpoints, metrics.jsonl, metrics.png; an existing run resumes
-    seed: int = 0  # seeds every random choice (queries, sampled reasoning)
-    device: str = ""  # "cpu" or "cuda" ("" = the SFT run's)
-    dtype: str = ""  # "float32" or "bfloat16" ("" = the SFT run's)
-    # --- adapter
-    lora: bool = True  # fresh LoRA adapters over the merged SFT weights; False trains every weight
-    lora_rank: int = 16  # LoRA rank r
-    lora_alpha: int = 32  # LoRA scale alpha
-    lora_layers: int = 0  # adapt only the top N decoder layers (0 = all)
-    gradient_checkpointing: bool = False  # recompute each decoder layer in the backward: far less memory, ~1/3 more time
-    # --- rollouts
-    queries_per_step: int = 4  # Q distinct training queries per step
-    pseudo_queries: int = 0  # add N corpus pseudo-queries (a body excerpt -> its document) to the train queries
-    group_size: int = 8  # G sampled rollouts per query (the env steps Q*G embeddings at once)
-    reasoning_tokens: int = 32  # reasoning budget per rollout; a rollout cut off at it earns no format reward
-    temperature: float = 1.0  # sampling temperature (the ratio's log-probs use the same)
-    # --- reward and env
-    reward: str = "ndcg"  # env reward: ndcg, reciprocal_rank, neg_log_rank or recall@K
-    w_format: float = 0.1  # weight of the format reward (embed token emitted, stopped within budget)
-    refresh_pool: int = 50  # trained documents: LocalRefresh re-encodes each query's stale top-N (+ relevant)
-    max_staleness: int = 8  # trained documents: rows the step touches are never older than this (-1: no bound)
-    hard_negatives: int = 8  # the env's top-ranked non-relevant documents per query used as InfoNCE negatives
-    # --- loss
-    clip_eps: float = 0.2  # PPO clip range of the importance ratio
-    updates_per_batch: int = 1  # optimiser steps per batch of rollouts (mu); 1 = on-policy
-    w_pg: float = 1.0  # weight of the clipped policy-gradient term
-    w_kl: float = 0.05  # weight of the KL to the SFT checkpoint on sampled tokens
-    w_nce: float = 0.5  # weight of InfoNCE on the rollout embeddings
-    nce_temperature: float = 0.05  # InfoNCE softmax temperature on cosine scores
-    # --- optimisation
-    max_steps: int = 50  # steps (batches of rollouts)
-    lr: float = 1e-4  # AdamW peak learning rate
-    weight_decay: float = 0.0  # AdamW weight decay
-    warmup_steps: int = 0  # linear warm-up, then cosine decay to 0 at max_steps
-    max_grad_norm: float = 1.0  # gradient clipping
-    # --- bookkeeping
-    val_queries: int = 8  # held-out train-split queries for the nDCG@10 curve (greedy reasoning)
-    eval_every: int = 0  # steps between held-out evals (0 = at the start and the end only)
-    checkpoint_every: int = 10  # steps between checkpoints (and one at the end)
-    progress: bool = True  # tqdm progress bar
-    cache_dir: str = ""  # corpus index cache ("" = the SFT run's)
-
-    def __post_init__(self) -> None:
-        if self.group_size < 2:
-            raise ValueError(f"group_size must be >= 2 (advantages are relative to the group), got {self.group_size}")
-        if self.queries_per_step < 1 or self.max_steps < 1 or self.updates_per_batch < 1:
-            raise ValueError("queries_per_step, max_steps and updates_per_batch must be >= 1")
 
 
 # ---------------------------------------------------------------------------------------------- model

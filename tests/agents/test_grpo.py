@@ -11,9 +11,9 @@ import torch
 
 from agents.checkpoint import resumable_checkpoint
 from agents.cli import main
-from agents.grpo import GRPOConfig, contrastive_targets, load_grpo_agent, query_collection, train
+from agents.config import GRPOConfig, SFTConfig
+from agents.grpo import contrastive_targets, load_grpo_agent, query_collection, train
 from agents.rollouts import format_reward, group_advantages
-from agents.sft import SFTConfig
 from agents.sft import train as train_sft
 from searchr3_env.beir import load_beir
 

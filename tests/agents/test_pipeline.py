@@ -3,7 +3,8 @@
 import json
 
 from agents.cli import main
-from agents.pipeline import PipelineConfig, subset
+from agents.config import PipelineConfig
+from agents.pipeline import subset
 from searchr3_env import load_beir
 
 AGENTS = ["hashing", "base", "sft", "sft+reasoning3", "sft+grpo+reasoning3"]

@@ -10,8 +10,8 @@ import pytest
 
 from agents.checkpoint import CheckpointError, resolve_checkpoint
 from agents.cli import main
+from agents.config import SFTConfig
 from agents.sft import (
-    SFTConfig,
     base_encoder_name,
     build_embedder,
     body_excerpt,

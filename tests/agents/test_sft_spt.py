@@ -61,7 +61,7 @@ def test_spt_switch_calibrates_the_patched_model_on_documents(tiny_beir, tiny_mo
 
 def test_grpo_continues_an_spt_sft_run(tiny_beir, tiny_model_dir, tmp_path):
     """GRPO loads the SPT-patched SFT checkpoint as it was trained (patched once, weights and routers restored)."""
-    from agents.grpo import GRPOConfig
+    from agents.config import GRPOConfig
     from agents.grpo import train as train_grpo
 
     sft = tiny_config(tiny_beir, tiny_model_dir, tmp_path / "sft", spt=True, max_steps=1, checkpoint_every=1)

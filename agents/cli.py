@@ -6,6 +6,12 @@
                                                (NAME: a baseline, or llm:CHECKPOINT_DIR / llm:smollm2 / llm:HF_DIR)
     searchr3 sft --data DIR [--model smollm2|PATH] [--output-dir RUN ...]   SFT warm-up of the LLM embedder
     searchr3 rl --data DIR --init SFT_RUN [--output-dir RUN ...]            GRPO of the embedder against the env
+
+A base install runs the env, the hashing and random baselines and ``--help``:
+the training modules (torch) are imported only by the commands that run them.
+User errors (bad data, paths, settings, a missing extra) print one line and
+exit with status 2; Ctrl-C exits with 130; ``--debug`` (or SEARCHR3_DEBUG=1)
+shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -21,22 +27,20 @@ import sys
 from pathlib import Path
 
 from searchr3_env.evaluation import DEFAULT_METRICS, evaluate_pair
+from searchr3_env.extras import explain_missing
 from searchr3_env.task import resolve_dataset
-from searchr3_env.trec_run import write_trec_run
+from searchr3_env.trec_run import check_run_ids, check_writable, write_trec_run
 
 from .baselines import BASELINES, make_baseline
+from .config import GRPOConfig, PipelineConfig, SFTConfig, user_cache_dir
 
 log = logging.getLogger("searchr3")
 TABLE_METRICS = ("ndcg@10", "recall@100", "mrr@10")
 DEMO_SHARED = ("data", "cache_dir", "progress")  # pipeline settings that the demo's common flags already set
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "searchr3"
-
-
-def evaluate_baseline(name: str, data: str, split: str, depth: int, cache_dir: Path | None, progress: bool):
-    """(table row, evaluation) for one baseline on one collection."""
+def evaluate_baseline(name: str, data, split: str, depth: int, cache_dir: Path | None, progress: bool):
+    """(table row, evaluation) for one baseline on one collection (a dataset, or what ``resolve_dataset`` takes)."""
     dataset = resolve_dataset(data)
     agent, encoder = make_baseline(name, dataset)
     # Slow encoders are worth caching; hashing takes seconds.
@@ -47,7 +51,7 @@ def evaluate_baseline(name: str, data: str, split: str, depth: int, cache_dir: P
 def make_llm_agent(spec: str, args):
     """(query agent, document encoder) for ``llm:SPEC``: an SFT or GRPO checkpoint or run folder, else a base model."""
     from .checkpoint import CONFIG, CheckpointError, read_json, resolve_checkpoint
-    from .sft import SFTConfig, build_embedder, load_agent
+    from .sft import build_embedder, load_agent
 
     device = dict(device=args.device, dtype=args.dtype)
     try:
@@ -59,8 +63,8 @@ def make_llm_agent(spec: str, args):
         embedder.reasoning_tokens, embedder.batch_size = args.reasoning, args.batch_size
         return embedder, embedder
     if args.lowercase:
-        raise SystemExit(f"--lowercase applies to base models only; checkpoint {checkpoint} keeps the setting it was "
-                         "trained with")
+        raise ValueError(f"--lowercase applies to base models only; checkpoint {checkpoint} keeps the setting it "
+                         "was trained with")
     if "group_size" in read_json(checkpoint, CONFIG):  # a GRPO run's config (SFT has no rollout groups)
         from .grpo import load_grpo_agent
 
@@ -97,12 +101,12 @@ def cmd_demo(args) -> int:
 
 
 def cmd_pipeline(args) -> int:
-    from .pipeline import PipelineConfig, run
+    from .pipeline import run
 
     if len(args.data) > 1:
-        raise SystemExit("searchr3 demo: the pipeline trains on one collection; pass one --data (or --baselines-only)")
+        raise ValueError("the pipeline trains on one collection; pass one --data (or --baselines-only)")
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(PipelineConfig) if f.name not in DEMO_SHARED}
-    cfg = PipelineConfig(data=args.data[0], cache_dir=str(args.cache_dir or default_cache_dir()),
+    cfg = PipelineConfig(data=args.data[0], cache_dir=str(args.cache_dir or user_cache_dir()),
                          progress=not args.no_progress, **flags)
     print(format_table(run(cfg)))
     print(f"plots: {Path(cfg.output_dir) / 'sft' / 'metrics.png'} {Path(cfg.output_dir) / 'grpo' / 'metrics.png'}")
@@ -110,14 +114,18 @@ def cmd_pipeline(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    dataset = resolve_dataset(args.data)
+    if args.run_out:  # checked before any encoding, so a long evaluation is never lost at the end
+        check_writable(args.run_out)
+        check_run_ids(dataset.split(args.split).judged_query_ids, dataset.doc_ids)
     if args.encoder.startswith("llm:"):
         agent, encoder = make_llm_agent(args.encoder[len("llm:"):], args)
         if args.reasoning:
             args.encoder += f"+reasoning{args.reasoning}"
-        row, evaluation = evaluate_pair(args.encoder, agent, encoder, resolve_dataset(args.data), split=args.split,
+        row, evaluation = evaluate_pair(args.encoder, agent, encoder, dataset, split=args.split,
                                         depth=args.depth, cache_dir=args.cache_dir, progress=not args.no_progress)
     else:
-        row, evaluation = evaluate_baseline(args.encoder, args.data, args.split, args.depth, args.cache_dir,
+        row, evaluation = evaluate_baseline(args.encoder, dataset, args.split, args.depth, args.cache_dir,
                                             not args.no_progress)
     if args.run_out:
         write_trec_run(args.run_out, evaluation.run, tag=f"searchr3-{args.encoder}")
@@ -128,15 +136,29 @@ def cmd_eval(args) -> int:
     return 0
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: ``searchr3 eval: argument --depth: ...`` (the usage is in ``--help``)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return number
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="searchr3", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="searchr3", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     def common(p):
         p.add_argument("--split", default="test", choices=("all", "train", "test"),
                        help="deterministic query split to report on (default: test)")
-        p.add_argument("--depth", type=int, default=1000, help="documents retrieved per query (default 1000)")
-        p.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
+        p.add_argument("--depth", type=positive_int, default=1000, help="documents retrieved per query (default 1000)")
+        p.add_argument("--cache-dir", type=Path, default=user_cache_dir(),
                        help="where slow encoders' corpus indexes are cached (default: %(default)s)")
         p.add_argument("--no-cache", dest="cache_dir", action="store_const", const=None, help="never cache indexes")
         p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -146,11 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--data", nargs="+", default=["synthetic"],
                       help="'synthetic' (default) or a BEIR folder; several with --baselines-only")
     demo.add_argument("--baselines-only", action="store_true", help="only the baseline agents' table, no training")
-    demo.add_argument("--agents", type=lambda s: s.split(","), default=None,
+    demo.add_argument("--agents", type=baseline_names, default=None,
                       help=f"comma-separated baselines, implies --baselines-only (default: {','.join(BASELINES)})")
     common(demo)
-    from .pipeline import PipelineConfig
-
     add_config_arguments(demo, PipelineConfig, skip=DEMO_SHARED)
     demo.set_defaults(func=cmd_demo)
 
@@ -164,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-doc-tokens", type=int, default=96, help="llm base models: document truncation")
     ev.add_argument("--lowercase", action="store_true",
                     help="llm base models: case-fold queries and documents (as `sft --lowercase` trains)")
-    ev.add_argument("--batch-size", type=int, default=16, help="llm encoders: sequences per forward pass")
+    ev.add_argument("--batch-size", type=positive_int, default=16, help="llm encoders: sequences per forward pass")
     ev.add_argument("--device", default="cpu", help="llm encoders: torch device (cuda for a GPU)")
     ev.add_argument("--dtype", default="float32", help="llm encoders: float32, or bfloat16 on GPU")
     ev.add_argument("--json", action="store_true", help=f"print JSON with keys {', '.join(DEFAULT_METRICS)}")
@@ -174,16 +194,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     sft = sub.add_parser("sft", help="SFT warm-up of the LLM embedder (resumes an existing --output-dir)",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_config_arguments(sft)
+    add_config_arguments(sft, SFTConfig)
     sft.set_defaults(func=cmd_sft)
-
-    from .grpo import GRPOConfig
 
     rl = sub.add_parser("rl", help="GRPO of an SFT checkpoint against the env (resumes an existing --output-dir)",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_config_arguments(rl, GRPOConfig)
     rl.set_defaults(func=cmd_rl)
+    for command in (demo, ev, sft, rl):
+        command.add_argument("--debug", action="store_true", help="show the traceback of an error (or SEARCHR3_DEBUG=1)")
     return parser
+
+
+def baseline_names(value: str) -> list[str]:
+    names = value.split(",")
+    unknown = [n for n in names if n not in BASELINES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown baseline {unknown[0]!r}; choose from {', '.join(BASELINES)}")
+    return names
 
 
 def _encoder_name(value: str) -> str:
@@ -192,12 +220,9 @@ def _encoder_name(value: str) -> str:
     raise argparse.ArgumentTypeError(f"choose from {', '.join(BASELINES)} or llm:PATH, got {value!r}")
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, config=None, skip: tuple[str, ...] = ()) -> None:
-    """One ``--flag`` per field of a config dataclass (default SFTConfig), its help taken from the field's comment
+def add_config_arguments(parser: argparse.ArgumentParser, config, skip: tuple[str, ...] = ()) -> None:
+    """One ``--flag`` per field of a config dataclass, its help taken from the field's comment
     (one source of truth); fields in ``skip`` are left to the caller."""
-    if config is None:
-        from .sft import SFTConfig as config
-
     comments = dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.*)$", inspect.getsource(config), re.M))
     for f in dataclasses.fields(config):
         if f.name in skip:
@@ -215,7 +240,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config=None, skip: tup
 
 
 def cmd_sft(args) -> int:
-    from .sft import SFTConfig, train
+    from .sft import train
 
     cfg = SFTConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SFTConfig)})
     checkpoint = train(cfg)
@@ -224,7 +249,7 @@ def cmd_sft(args) -> int:
 
 
 def cmd_rl(args) -> int:
-    from .grpo import GRPOConfig, train
+    from .grpo import train
 
     cfg = GRPOConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(GRPOConfig)})
     checkpoint = train(cfg)
@@ -232,11 +257,36 @@ def cmd_rl(args) -> int:
     return 0
 
 
+# Errors a user can cause and fix (bad data, paths, settings, checkpoints, a missing extra); anything else is a bug
+# and keeps its traceback.
+USER_ERRORS = (ValueError, OSError, ImportError)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    command = f"searchr3 {args.command}"
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        if args.debug or os.environ.get("SEARCHR3_DEBUG"):
+            raise
+        # Every file the package writes is atomic and a run resumes from its last checkpoint: nothing is half-written.
+        print(f"{command}: interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as err:
+        if args.debug or os.environ.get("SEARCHR3_DEBUG"):
+            raise
+        missing = explain_missing(err, command) if isinstance(err, ImportError) else None
+        print(missing or f"{command}: {one_line(err)}", file=sys.stderr)
+        return 2
 
+
+def one_line(err: BaseException) -> str:
+    """The error's message on one line; an OSError as ``path: reason``."""
+    if isinstance(err, OSError) and err.strerror:
+        return f"{err.filename}: {err.strerror}" if err.filename is not None else err.strerror
+    return " ".join(str(err).split()) or type(err).__name__
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -27,7 +27,10 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-import torch
+
+from searchr3_env.extras import import_extra
+
+torch = import_extra("torch", "llm", "agents.trl_reward")  # before the agents modules below, which need it too
 
 from searchr3_env.task import RetrievalTask
 from searchr3_env.vector_env import RetrievalVectorEnv

@@ -9,8 +9,9 @@ is atomic: a crash leaves the previous file or the new one, never a torn one.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Mapping
 
 from .atomic import atomic_write
 from .metrics import rank_documents
@@ -24,6 +25,31 @@ def _check_token(value: str, what: str) -> None:
     """Fields are whitespace-separated, so one with whitespace (or none at all) would not read back."""
     if not isinstance(value, str) or value.split() != [value]:
         raise ValueError(f"{what} must be a non-empty string without whitespace, got {value!r}")
+
+
+def check_run_ids(query_ids: Iterable[str], doc_ids: Iterable[str]) -> None:
+    """Refuse ids a run file cannot hold *before* an evaluation produces them, not when its run is written."""
+    for what, ids in (("query id", query_ids), ("doc id", doc_ids)):
+        bad = [i for i in ids if not isinstance(i, str) or i.split() != [i]]
+        if bad:
+            raise ValueError(f"{len(bad)} {what}s are empty or contain whitespace, e.g. {bad[0]!r}: "
+                             "a TREC run file (whitespace-separated columns) cannot hold them")
+
+
+def check_writable(path: str | Path) -> None:
+    """Refuse a run file path that cannot be written, before the work that would fill it."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(21, "is a folder, not a run file path", str(path))
+    folder = next(p for p in path.parents if p.exists())
+    if not folder.is_dir():
+        raise NotADirectoryError(20, f"cannot write a run file there: {folder} is a file, not a folder", str(path))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):  # what an atomic write of the file will need
+            pass
+    except OSError as err:
+        raise OSError(err.errno, f"cannot write a run file there ({err.strerror})", str(path)) from None
 
 
 def write_trec_run(path: str | Path, run: Mapping[str, Mapping[str, float]], tag: str) -> Path:

@@ -11,6 +11,11 @@ CUDA tensors run Triton kernels; everything else runs the PyTorch reference (see
 glue (`patch_model`, `unpatch_model`, `calibrate`, `router_recall`) is imported lazily so the kernels need only torch.
 """
 
+try:
+    import torch  # noqa: F401  (every kernel and reference is torch; the rest of searchr3 does not need it)
+except ImportError as err:
+    raise ImportError(f"spt_kernels needs the 'spt' extra: pip install 'searchr3[spt]' ({err})", name="torch") from None
+
 from .candidates import candidate_budget, select_candidates
 from .config import SPTConfig
 from .pq import ProductQuantizer, pq_encode

@@ -19,6 +19,7 @@ from .index import CorpusIndex, IndexFileError, load_or_build_index
 from .ir_datasets_adapter import load_ir_datasets
 from .metrics import evaluate_run
 from .minilm import MiniLMEncoder
+from .residual import ResidualEmbedding
 from .synthetic import make_synthetic
 from .task import RetrievalTask
 from .trec_run import read_trec_run, write_trec_run
@@ -43,6 +44,7 @@ __all__ = [
     "HashingEncoder",
     "IndexFileError",
     "MiniLMEncoder",
+    "ResidualEmbedding",
     "RetrievalDataset",
     "RetrievalEnv",
     "RetrievalTask",

@@ -34,7 +34,7 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
-from .atomic import atomic_write
+from .atomic import atomic_write, remove_stale_temporaries
 from .cache_keys import sanitise
 from .encoders import Encoder, check_embeddings
 
@@ -382,6 +382,7 @@ class CorpusIndex:
     ) -> "CorpusIndex":
         """Read a saved index, refusing a truncated, tampered or mismatched file with the reason."""
         path = Path(path)
+        remove_stale_temporaries(path)  # what saves killed mid-write left beside it
         if not path.is_file():
             raise IndexFileError(f"{path}: no such index file")
         try:

@@ -739,32 +739,32 @@ def test_sigkill_during_save_leaves_the_previous_complete_index(tmp_path):
     rng = random.Random(13)
     first = 1
     started = {0}
+    partial = 0
     for round_no, mode in enumerate(["slow-replace", "slow-write", "plain", "plain", "plain"]):
         before = _generation(CorpusIndex.load(path))
         saved_gen, saving_gen, _ = _kill_during_save(path, mode, first, rng)
         started |= set(range(first, saving_gen + 1))
+        temps = [p for p in tmp_path.iterdir() if p.name != path.name]  # the killed writer's, until a load
+        assert all(p.name.endswith(".tmp") and p.name.startswith(f".{path.name}.") for p in temps), temps
+        sizes = [p.stat().st_size for p in temps]
+        for tmp in temps:  # a leftover is never mistaken for an index: it is refused, or a complete save
+            try:
+                assert _generation(CorpusIndex.load(tmp)) in started
+            except IndexFileError:
+                partial += 1
         loaded = CorpusIndex.load(path)  # must still load: never a partial file
         gen = _generation(loaded)
         assert len(loaded) == n
-        temps = [p for p in tmp_path.iterdir() if p.name != path.name]
-        assert all(p.name.endswith(".tmp") and p.name.startswith(f".{path.name}.") for p in temps), temps
+        assert [p.name for p in tmp_path.iterdir()] == [path.name]  # the load removed the dead writer's temporary
         if mode == "slow-replace":  # killed before the rename: the old file, and a complete temp file
             assert gen == before and saving_gen == first
             assert temps, "the kill should have left the complete temp file"
         elif mode == "slow-write":  # killed mid-write: the old file, and a partial temp file
             assert gen == before and saving_gen == first
-            assert any(p.stat().st_size < path.stat().st_size for p in temps)
+            assert any(size < path.stat().st_size for size in sizes)
         else:
             assert saved_gen <= gen <= saving_gen, (saved_gen, gen, saving_gen)
         first = saving_gen + 1000  # the next writer's generations are new ones
-    # no leftover temp file is mistaken for an index: each is either refused or a complete save
-    temps = [p for p in tmp_path.iterdir() if p.name != path.name]
-    partial = 0
-    for tmp in temps:
-        try:
-            assert _generation(CorpusIndex.load(tmp)) in started
-        except IndexFileError:
-            partial += 1
     assert partial >= 1
 
 

@@ -72,6 +72,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from searchr3_env.atomic import atomic_write
 from searchr3_env.dataset import RetrievalDataset
 from searchr3_env.evaluation import evaluate_agent
 from searchr3_env.index import CorpusIndex, load_or_build_index
@@ -271,7 +272,8 @@ def train(cfg: GRPOConfig) -> Path:
                  len(train_ids), len(judged_ids), len(pseudo_ids), len(val_ids),
                  "trained (local refresh)" if trains_documents else "frozen")
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    with atomic_write(run_dir / "config.json", "w") as out:
+        out.write(json.dumps(asdict(cfg), indent=2))
 
     def evaluate() -> None:
         if val_task is not None:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from searchr3_env.atomic import atomic_write
 from searchr3_env.dataset import RetrievalDataset
 from searchr3_env.evaluation import evaluate_pair
 from searchr3_env.task import default_document_encoder, resolve_dataset
@@ -42,13 +43,13 @@ log = logging.getLogger(__name__)
 def write_beir(dataset: RetrievalDataset, folder: Path) -> Path:
     """Write ``dataset`` as a BEIR folder (all qrels in ``qrels/test.tsv``, BEIR's default file)."""
     (folder / "qrels").mkdir(parents=True, exist_ok=True)
-    with open(folder / "corpus.jsonl", "w") as f:
+    with atomic_write(folder / "corpus.jsonl", "w") as f:
         for doc_id, doc in dataset.corpus.items():
             f.write(json.dumps({"_id": doc_id, "title": doc.title, "text": doc.text}) + "\n")
-    with open(folder / "queries.jsonl", "w") as f:
+    with atomic_write(folder / "queries.jsonl", "w") as f:
         for qid, text in dataset.queries.items():
             f.write(json.dumps({"_id": qid, "text": text}) + "\n")
-    with open(folder / "qrels" / "test.tsv", "w") as f:
+    with atomic_write(folder / "qrels" / "test.tsv", "w") as f:
         f.write("query-id\tcorpus-id\tscore\n")
         f.writelines(f"{q}\t{d}\t{g}\n" for q, judged in dataset.qrels.items() for d, g in judged.items())
     return folder
@@ -124,6 +125,7 @@ def run(cfg: PipelineConfig) -> list[dict]:
     rows.append(timed("grpo eval", evaluate_row, f"sft+grpo+reasoning{cfg.reasoning_tokens}", agent, documents,
                       data, cfg.cache_dir, cfg.progress))
     timings["total"] = time.perf_counter() - started
-    (out / "results.json").write_text(json.dumps({"config": asdict(cfg), "rows": rows, "seconds": timings}, indent=2))
+    with atomic_write(out / "results.json", "w") as f:
+        f.write(json.dumps({"config": asdict(cfg), "rows": rows, "seconds": timings}, indent=2))
     log.info("stage seconds: %s", {k: round(v, 1) for k, v in timings.items()})
     return rows

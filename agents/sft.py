@@ -61,6 +61,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from searchr3_env.atomic import atomic_write
 from searchr3_env.cache_keys import folder_digest
 from searchr3_env.dataset import RetrievalDataset
 from searchr3_env.encoders import HashingEncoder
@@ -504,7 +505,8 @@ def train(cfg: SFTConfig) -> Path:
         metrics.truncate_after(-1)
         log.info("SFT %s on %s: %d trainable parameters; %d train / %d validation queries",
                  cfg.model, full.name, sum(p.numel() for p in params), len(train_ids), len(val_ids))
-    (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    with atomic_write(run_dir / "config.json", "w") as out:
+        out.write(json.dumps(asdict(cfg), indent=2))
 
     def evaluate() -> None:
         """nDCG@10 of the held-out train queries: full retrieval (frozen documents) or a pool rerank."""

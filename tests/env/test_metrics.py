@@ -24,7 +24,7 @@ from searchr3_env.metrics import (
 )
 from searchr3_env.trec_run import RunFileError, read_trec_run, write_trec_run
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 COLLECTIONS = ("npl", "cranfield", "cacm")
 ALL_METRICS = ("ndcg@10", "ndcg", "recall@100", "p@10", "map", "map@100", "mrr@10", "mrr")
 inf = math.inf

@@ -37,7 +37,7 @@ def test_eval_json_and_run_file_agree(tmp_path, capsys, shared_data):
 
 
 # ---------------------------------------------------------------------------------------------- user errors
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # The command line as a user's shell runs it, optionally as on a base install: none of the extras' modules import.
 EXTRAS_MODULES = ("torch", "transformers", "sentence_transformers", "peft", "triton", "trl")
 BLOCK = "import sys\nfor m in {modules!r}: sys.modules[m] = None\n"

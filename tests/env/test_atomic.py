@@ -14,7 +14,7 @@ import pytest
 
 from searchr3_env.atomic import atomic_write, remove_stale_temporaries, staging_folder
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MB = 1 << 20
 
 # Writes the 50 MB target once, then stops half-way through the next write and waits to be killed.

@@ -12,7 +12,7 @@ import pytest
 
 from searchr3_env.dataset import DatasetError, Document, RetrievalDataset
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def make(corpus=None, queries=None, qrels=None, name="toy") -> RetrievalDataset:

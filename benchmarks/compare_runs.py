@@ -1,8 +1,9 @@
 """Paired comparison of two TREC runs over the same judged queries: is B really better than A?
 
 Per metric: both means, the mean per-query difference B - A with a 95% bootstrap interval, how many queries B
-wins / loses / ties, and the two-sided p-value of a paired randomisation (sign-flip) test, the test IR papers
-use for this (Smucker, Allan and Carterette, CIKM 2007). Resamples are seeded: the output is repeatable.
+wins / loses / ties, the two-sided p-value of a paired randomisation (sign-flip) test, and the minimum
+detectable effect, all from ``benchmarks/stats.py`` (one seed per arm: a run file is one run). For several
+seeds and a whole table, write records and use ``benchmarks/tables.py``. Resamples are seeded.
 
     .venv/bin/python benchmarks/compare_runs.py --data ../shared/data/cranfield A.trec B.trec
 """
@@ -17,26 +18,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.stats import compare  # noqa: E402
 from searchr3_env.metrics import evaluate_run  # noqa: E402
 from searchr3_env.task import resolve_dataset  # noqa: E402
 from searchr3_env.trec_run import read_trec_run  # noqa: E402
 
 METRICS = ("ndcg@10", "recall@100", "mrr@10")
-
-
-def paired(a: np.ndarray, b: np.ndarray, resamples: int, seed: int) -> dict:
-    """Statistics of the per-query differences b - a."""
-    diff = b - a
-    rng = np.random.default_rng(seed)
-    boot = diff[rng.integers(0, len(diff), (resamples, len(diff)))].mean(axis=1)
-    flips = rng.choice([-1.0, 1.0], size=(resamples, len(diff)))
-    null = np.abs((flips * diff).mean(axis=1))
-    return {
-        "a": a.mean(), "b": b.mean(), "diff": diff.mean(),
-        "low": np.quantile(boot, 0.025), "high": np.quantile(boot, 0.975),
-        "wins": int((diff > 0).sum()), "losses": int((diff < 0).sum()), "ties": int((diff == 0).sum()),
-        "p": (1 + (null >= abs(diff.mean()) - 1e-12).sum()) / (1 + resamples),
-    }
 
 
 def main() -> None:
@@ -54,13 +41,13 @@ def main() -> None:
     per_query = [evaluate_run(read_trec_run(path), qrels, METRICS).per_query for path in (args.run_a, args.run_b)]
     queries = sorted(per_query[0])
     print(f"{len(queries)} judged {args.split} queries of {dataset.name}; A = {args.run_a}, B = {args.run_b}\n")
-    print("| metric | A | B | B - A | 95% bootstrap CI | B wins / losses / ties | p (randomisation) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| metric | A | B | B - A | 95% bootstrap CI | B wins / losses / ties | p (randomisation) | MDE |")
+    print("|---|---|---|---|---|---|---|---|")
     for metric in METRICS:
         a, b = (np.array([pq[q][metric] for q in queries]) for pq in per_query)
-        s = paired(a, b, args.resamples, args.seed)
-        print(f"| {metric} | {s['a']:.4f} | {s['b']:.4f} | {s['diff']:+.4f} | [{s['low']:+.4f}, {s['high']:+.4f}] "
-              f"| {s['wins']} / {s['losses']} / {s['ties']} | {s['p']:.3f} |")
+        c = compare(a, b, resamples=args.resamples, seed=args.seed)
+        print(f"| {metric} | {c.mean_a:.4f} | {c.mean_b:.4f} | {c.diff:+.4f} | [{c.low:+.4f}, {c.high:+.4f}] "
+              f"| {c.wins} / {c.losses} / {c.ties} | {c.p:.3f} | {c.mde:.4f} |")
 
 
 if __name__ == "__main__":

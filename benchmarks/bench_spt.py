@@ -171,7 +171,7 @@ def ffn_inputs(tokens, hidden, inner, dtype, device):
     return x, weights
 
 
-# variant -> (active, blocks): SPTConfig()'s speed setting, and the fine blocks that keep quality (RESULTS.md, SPT)
+# variant -> (active, blocks): SPTConfig()'s speed setting, and the fine blocks that keep quality (results/spt.md)
 FFN_ROUTING = {"routed": (2, 4), "routed-48of64": (48, 64)}
 FFN_VARIANTS = ["dense", *FFN_ROUTING]
 

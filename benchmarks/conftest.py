@@ -3,7 +3,7 @@
 A test calls ``record(benchmark, name, baseline=...)`` after running; the
 terminal summary prints ``name / baseline`` throughput ratios measured in the
 same run (never against a number from another machine or day), and writes
-them to ``benchmarks/results/latest.json`` for RESULTS.md.
+them to ``benchmarks/results/latest.json`` (not committed) for ``results/env_speed.md``.
 """
 
 from __future__ import annotations

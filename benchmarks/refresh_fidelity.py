@@ -34,7 +34,7 @@ embedding does not depend on which batch it was encoded in: a policy that
 re-encodes a row gets bit-for-bit the row the ground truth has, and any reward
 difference is staleness, not rounding.
 
-Run: ``.venv/bin/python benchmarks/refresh_fidelity.py [--steps 1000] [--data ../shared/data/npl] [--out benchmarks]``
+Run: ``.venv/bin/python benchmarks/refresh_fidelity.py [--steps 1000] [--data ../shared/data/npl] [--out benchmarks/results]``
 (about 7 minutes per scenario on 2 shared CPU cores).
 """
 
@@ -590,7 +590,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=1000, help="env steps (= encoder versions) per policy")
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "npl", help="BEIR folder")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks", help="folder for the table and the plot")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="folder for refresh.md and the plot")
     parser.add_argument("--batch", type=int, default=4, help="train queries scored per step")
     parser.add_argument("--dim", type=int, default=128, help="output dim of the drifting projection")
     parser.add_argument("--lr", type=float, nargs="+", default=[1e-4, 1e-2],
@@ -611,10 +611,10 @@ def main(argv=None) -> None:
         scenarios.append(Scenario(lr, summarise(results, truth), drift, truth))
     args.out.mkdir(parents=True, exist_ok=True)
     command = " ".join([".venv/bin/python", *sys.argv])
-    write_markdown(args.out / "RESULTS_refresh.md", scenarios, args, command, time.perf_counter() - start)
+    write_markdown(args.out / "refresh.md", scenarios, args, command, time.perf_counter() - start)
     title = f"Refresh policies on {dataset.name} ({len(dataset.corpus):,} docs), {args.steps:,} steps of drift"
     plot(args.out / "refresh_fidelity.png", scenarios, args.steps, title)
-    print((args.out / "RESULTS_refresh.md").read_text())
+    print((args.out / "refresh.md").read_text())
 
 
 if __name__ == "__main__":

@@ -12,8 +12,10 @@ per-step loss, step time and peak RSS. Afterwards the held-out loss is measured:
     model with the fine-tuned weights (the quality of the weights themselves; the routers are dropped);
   * the base model before fine-tuning, for reference.
 
-Outputs: ``benchmarks/spt_finetune.png`` (both loss curves), ``benchmarks/RESULTS_spt.md`` (table) and, with
-``--json PATH``, all per-step logs as JSON (``--render-only PATH`` re-draws the PNG and Markdown from it).
+Outputs: the record, all per-step logs as JSON (``--json``, default ``benchmarks/results/records/spt/``: the
+SPT table in ``benchmarks/RESULTS.md`` is generated from these by ``benchmarks/tables.py``), the loss curves
+(``--png``, beside ``benchmarks/results/spt.md``) and the run's Markdown section (``--md``, under ``runs/``: paste
+it into ``benchmarks/results/spt.md``). ``--render-only RECORD`` re-draws the PNG and Markdown from a record.
 
 On CPU SPT runs its PyTorch reference path (gather-based sparse attention, block-sliced FFN), which is *slower*
 than dense SDPA / GEMMs; speed on CPU is not the point, the loss gap is. GPU speed comes from
@@ -258,6 +260,7 @@ a 2-core CPU and say nothing about the Triton kernels. GPU numbers come from `be
 
 ![loss curves]({Path(args.png).name})
 """
+    Path(args.md).parent.mkdir(parents=True, exist_ok=True)
     Path(args.md).write_text(md_text)
 
 
@@ -286,11 +289,12 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     p.add_argument("--skip-base-eval", action="store_true")
-    p.add_argument("--note", default="", help="free text appended to RESULTS_spt.md (e.g. run conditions)")
-    p.add_argument("--json", help="also save all per-step logs as JSON here (input for --render-only)")
+    p.add_argument("--note", default="", help="free text appended to the Markdown (e.g. run conditions)")
+    p.add_argument("--json", default=str(HERE / "results" / "records" / "spt" / "spt_finetune.json"),
+                   help="the run's record: all per-step logs as JSON (input for --render-only and benchmarks/tables.py)")
     p.add_argument("--render-only", help="re-write the PNG and Markdown from this saved spt_finetune.json")
-    p.add_argument("--png", default=str(HERE / "spt_finetune.png"))
-    p.add_argument("--md", default=str(HERE / "RESULTS_spt.md"))
+    p.add_argument("--png", default=str(HERE / "results" / "spt_finetune.png"))
+    p.add_argument("--md", default=str(HERE.parent / "runs" / "spt_finetune.md"))
     p.add_argument("--run", choices=["dense", "spt"], help="internal: run one side in this process")
     p.add_argument("--log", help="internal: where --run writes its JSON log")
     args = p.parse_args()
@@ -308,7 +312,7 @@ def main():
 
     cmd = " ".join([".venv/bin/python", "benchmarks/spt_finetune.py", *sys.argv[1:]])
     logs, wall = {}, {}
-    json_path = Path(args.json) if args.json else Path(args.png).with_name(".spt_finetune.json")
+    json_path = Path(args.json)
     for run in ("dense", "spt"):
         out = json_path.with_name(f".{json_path.stem}.{run}.json")
         t0 = time.perf_counter()
@@ -317,8 +321,8 @@ def main():
         logs[run] = json.loads(out.read_text())
         out.unlink()
         print(f"{run}: wall {wall[run]:.0f} s, final loss {logs[run]['loss'][-1]:.4f}", file=sys.stderr)
-    if args.json:
-        json_path.write_text(json.dumps({"args": vars(args), "cmd": cmd, "wall_s": wall, **logs}, indent=1))
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps({"args": vars(args), "cmd": cmd, "wall_s": wall, **logs}, indent=1))
     write_outputs(args, logs["dense"], logs["spt"], wall, cmd)
     print(Path(args.md).read_text())
 

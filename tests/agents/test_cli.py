@@ -131,6 +131,7 @@ def test_without_torch_the_env_commands_run_and_the_rest_name_their_extra(tmp_pa
         assert f"Error: {module} needs the '{extra}' extra: pip install 'searchr3[{extra}]'" in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("SEARCHR3_SKIP_VENV_TEST") == "1", reason="SEARCHR3_SKIP_VENV_TEST=1")
 def test_a_base_install_in_a_fresh_virtualenv_runs_the_cli(tmp_path):
     """`pip install searchr3` (no extras) in a virtualenv with no torch: `searchr3 --help` and a baseline work."""

@@ -10,9 +10,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_sft_exits_130_and_the_run_resumes(tmp_path, tiny_model_dir, tiny_beir):
     run = tmp_path / "run"
     args = [sys.executable, "-m", "agents.cli", "sft", "--data", str(tiny_beir), "--model", str(tiny_model_dir),

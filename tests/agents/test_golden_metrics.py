@@ -55,6 +55,7 @@ def assert_close(got: list[dict], want: list[dict], name: str) -> None:
             assert g[key] == pytest.approx(value, rel=1e-6, abs=1e-6), f"{name} record {step} {key}"
 
 
+@pytest.mark.slow
 def test_training_matches_the_golden_metrics(tiny_beir, tiny_model_dir, tmp_path):
     import importlib
 

@@ -89,6 +89,7 @@ def test_make_vec_env_and_sb3_env_checker(small):
     check_env(make(small), warn=False)
 
 
+@pytest.mark.slow
 def test_ppo_learns_through_the_wrapper(load_script):
     """Seed 0, the example's settings: the last 512 episodes beat the first 512 by at least 0.02."""
     pytest.importorskip("stable_baselines3", reason="the 'sb3' extra is not installed")

@@ -15,6 +15,7 @@ def test_policy_gradient_over_make_vec_learns():
     assert np.mean(history[-15:]) > np.mean(history[:15]) + 0.03, history
 
 
+@pytest.mark.slow
 def test_ray_rollout_workers_learn_locally():
     ray = pytest.importorskip("ray", reason="the 'ray' extra is not installed")
     import ray_rollouts

@@ -26,7 +26,7 @@ batch of queries is scored, which rows to re-encode:
   are refreshed too once they are more than S versions old. What this cannot
   see is a stale row whose cached score is below a relevant document but whose
   fresh score would be above it: its errors make ranks optimistic, never
-  pessimistic (measured in ``benchmarks/RESULTS_refresh.md``: reward bias
+  pessimistic (measured in ``benchmarks/results/refresh.md``: reward bias
   +0.000 to +0.011 on NPL, against FullRefresh(every=N)'s negative bias).
 
 Policies with ``save_to`` write each completed snapshot atomically, so a

@@ -7,7 +7,7 @@ Optionally some keys are always kept (they outrank every code match): the query'
 `sink_keys` real keys. Pretrained LLMs park much of their attention mass on the first token ("attention sinks") and
 on the current one, and PQ matching alone often misses both: on SmolLM2-135M (Cranfield, 256-token chunks,
 s = 8) keeping them cuts the zero-shot loss increase over dense attention from +43% to +9%
-(`benchmarks/RESULTS_spt_quality.md`).
+(`benchmarks/results/spt.md`).
 A row with fewer valid keys than slots (early rows of a causal mask, padded sequences) fills the rest with -1,
 never with a real key, so the attention skips those slots instead of double-counting a key.
 """

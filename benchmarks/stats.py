@@ -121,9 +121,9 @@ def standard_error(a, b) -> float:
     return float(np.sqrt(variance))
 
 
-def minimum_detectable_effect(standard_error: float, *, alpha: float = ALPHA, power: float = POWER) -> float:
+def minimum_detectable_effect(se: float, *, alpha: float = ALPHA, power: float = POWER) -> float:
     """The true difference a two-sided test at ``alpha`` detects with probability ``power`` (normal approximation)."""
-    return float((sps.norm.ppf(1 - alpha / 2) + sps.norm.ppf(power)) * standard_error)
+    return float((sps.norm.ppf(1 - alpha / 2) + sps.norm.ppf(power)) * se)
 
 
 def planned_mde(query_sd: float, queries: int, *, seed_sd: float = 0.0, seeds: int = 1,

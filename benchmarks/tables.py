@@ -273,7 +273,7 @@ def glance(table, carried: list[dict], page: Path) -> str:
 
 
 def replace_block(text: str, name: str, content: str, page: Path) -> str:
-    pattern = re.compile(rf"(<!-- tables:{re.escape(name)} begin -->).*?(<!-- tables:{re.escape(name)} end -->)", re.S)
+    pattern = re.compile(rf"(<!-- tables:{re.escape(name)} begin -->).*?(<!-- tables:{re.escape(name)} end -->)", re.DOTALL)
     if not pattern.search(text):
         raise ValueError(f"{page}: no '<!-- tables:{name} begin -->' ... '<!-- tables:{name} end -->' block")
     return pattern.sub(lambda m: f"{m[1]}\n{content}\n{m[2]}", text, count=1)

@@ -24,9 +24,9 @@ import math
 import shlex
 import subprocess
 import sys
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
 
 from .atomic import atomic_write
 from .cache_keys import file_digest, folder_digest

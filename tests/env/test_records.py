@@ -5,8 +5,8 @@ import json
 import pytest
 
 from searchr3_env import Document, RetrievalDataset
-from searchr3_env.evaluation import evaluate_pair
 from searchr3_env.encoders import HashingEncoder
+from searchr3_env.evaluation import evaluate_pair
 from searchr3_env.records import (
     RecordError,
     read_records,

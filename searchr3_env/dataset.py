@@ -132,6 +132,19 @@ class RetrievalDataset:
         qrels = {q: dict(j) for q, j in self.qrels.items() if q in keep}
         return RetrievalDataset(self.name, self.corpus, keep, qrels, split_name=name, stats=dict(self.stats))
 
+    def subset(self, name: str, query_ids, doc_ids=None, extra_queries=None) -> "RetrievalDataset":
+        """A collection with only ``query_ids`` (their qrels too) and, if given, only ``doc_ids`` (kept in corpus
+        order). ``extra_queries`` maps new query ids to (text, qrels): pseudo-queries that join the kept ones."""
+        queries = {q: self.queries[q] for q in query_ids}
+        qrels = {q: dict(self.qrels[q]) for q in query_ids if q in self.qrels}
+        for query_id, (text, judged) in (extra_queries or {}).items():
+            if query_id in self.queries:
+                raise ValueError(f"{self.name}: a query is already called {query_id!r}")
+            queries[query_id], qrels[query_id] = text, dict(judged)
+        keep = None if doc_ids is None else set(doc_ids)
+        corpus = self.corpus if keep is None else {d: doc for d, doc in self.corpus.items() if d in keep}
+        return RetrievalDataset(name, corpus, queries, qrels)
+
     def __repr__(self) -> str:
         return (
             f"RetrievalDataset({self.name!r}, split={self.split_name!r}, docs={len(self.corpus)}, "

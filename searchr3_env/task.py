@@ -75,6 +75,7 @@ class BatchScore:
     """Rewards and diagnostics for a batch of queries, one row each."""
 
     rewards: np.ndarray  # (n,) float64
+    relevant_positions: np.ndarray  # (n, m) index rows of each query's relevant docs, -1 = padding
     ranks: np.ndarray  # (n, m) pessimistic ranks of the relevant docs, 0 = padding
     grades: np.ndarray  # (n, m) their grades, 0 = padding
     top_positions: np.ndarray  # (n, top_k) index rows, best first
@@ -200,6 +201,7 @@ class RetrievalTask:
         versions = np.where(touched >= 0, self.index.versions[np.maximum(touched, 0)], np.iinfo(np.int64).max)
         return BatchScore(
             rewards=np.asarray(self.reward_fn(padded, grades), dtype=np.float64),
+            relevant_positions=positions,
             ranks=ranks,
             grades=grades,
             top_positions=top_positions,

@@ -40,6 +40,8 @@ from safetensors.torch import load_file, save_file
 from searchr3_env.atomic import atomic_write, remove_stale_temporaries, staging_folder
 from searchr3_env.cache_keys import cache_key, file_digest
 
+from .config import upgrade_saved
+
 WEIGHTS, OPTIMIZER, RNG, CONFIG, STATE = "weights.safetensors", "optimizer.pt", "rng.pt", "config.json", "state.json"
 FILES = (WEIGHTS, OPTIMIZER, RNG, CONFIG, STATE)
 # What np.random.get_state() pickles besides builtins: a uint32 array (found with get_unsafe_globals_in_checkpoint).
@@ -115,7 +117,7 @@ def resumable_checkpoint(run_dir: str | Path, config) -> Path | None:
     """
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is not None:
-        saved = read_json(checkpoint, CONFIG)
+        saved = upgrade_saved(type(config), read_json(checkpoint, CONFIG))
         changed = sorted(f.name for f in dataclasses.fields(config) if f.name not in RESUME_MAY_CHANGE
                          and saved.get(f.name, _default(f)) != getattr(config, f.name))
         if changed:
@@ -129,6 +131,11 @@ def _default(f: dataclasses.Field):
 
 def read_json(checkpoint: Path, name: str) -> dict:
     return json.loads((Path(checkpoint) / name).read_text())
+
+
+def read_config(checkpoint: Path, config: type):
+    """The run config ``checkpoint`` was written with, as today's ``config`` class reads it."""
+    return config(**upgrade_saved(config, read_json(checkpoint, CONFIG)))
 
 
 def load_weights(checkpoint: Path, model) -> None:

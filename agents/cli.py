@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import json
 import logging
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -32,7 +30,7 @@ from searchr3_env.task import resolve_dataset
 from searchr3_env.trec_run import check_run_ids, check_writable, write_trec_run
 
 from .baselines import BASELINES, make_baseline
-from .config import GRPOConfig, PipelineConfig, SFTConfig, user_cache_dir
+from .config import GRPOConfig, PipelineConfig, SFTConfig, groups, user_cache_dir
 
 log = logging.getLogger("searchr3")
 TABLE_METRICS = ("ndcg@10", "recall@100", "mrr@10")
@@ -50,8 +48,8 @@ def evaluate_baseline(name: str, data, split: str, depth: int, cache_dir: Path |
 
 def make_llm_agent(spec: str, args):
     """(query agent, document encoder) for ``llm:SPEC``: an SFT or GRPO checkpoint or run folder, else a base model."""
-    from .checkpoint import CONFIG, CheckpointError, read_json, resolve_checkpoint
-    from .sft import build_embedder, load_agent
+    from .checkpoint import CheckpointError, resolve_checkpoint
+    from .policy import build_embedder, load_agent
 
     device = dict(device=args.device, dtype=args.dtype)
     try:
@@ -65,14 +63,8 @@ def make_llm_agent(spec: str, args):
     if args.lowercase:
         raise ValueError(f"--lowercase applies to base models only; checkpoint {checkpoint} keeps the setting it "
                          "was trained with")
-    if "group_size" in read_json(checkpoint, CONFIG):  # a GRPO run's config (SFT has no rollout groups)
-        from .grpo import load_grpo_agent
-
-        agent, documents = load_grpo_agent(checkpoint, batch_size=args.batch_size)
-        agent.reasoning_tokens = args.reasoning
-        return agent, documents
-    return load_agent(spec, reasoning_tokens=args.reasoning, batch_size=args.batch_size, cache_dir=args.cache_dir,
-                      **device)
+    return load_agent(checkpoint, reasoning_tokens=args.reasoning, batch_size=args.batch_size,
+                      cache_dir=args.cache_dir, **device)
 
 
 def format_table(rows: list[dict]) -> str:
@@ -193,12 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
 
     sft = sub.add_parser("sft", help="SFT warm-up of the LLM embedder (resumes an existing --output-dir)",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                         formatter_class=HelpFormatter)
     add_config_arguments(sft, SFTConfig)
     sft.set_defaults(func=cmd_sft)
 
     rl = sub.add_parser("rl", help="GRPO of an SFT checkpoint against the env (resumes an existing --output-dir)",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                        formatter_class=HelpFormatter)
     add_config_arguments(rl, GRPOConfig)
     rl.set_defaults(func=cmd_rl)
     for command in (demo, ev, sft, rl):
@@ -220,23 +212,32 @@ def _encoder_name(value: str) -> str:
     raise argparse.ArgumentTypeError(f"choose from {', '.join(BASELINES)} or llm:PATH, got {value!r}")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except for a required one and a switch (``--no-progress``), whose name says it."""
+
+    def _get_help_string(self, action):
+        if action.required or (action.nargs == 0 and not isinstance(action, argparse.BooleanOptionalAction)):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, config, skip: tuple[str, ...] = ()) -> None:
-    """One ``--flag`` per field of a config dataclass, its help taken from the field's comment
-    (one source of truth); fields in ``skip`` are left to the caller."""
-    comments = dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.*)$", inspect.getsource(config), re.M))
-    for f in dataclasses.fields(config):
-        if f.name in skip:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        if f.name == "progress":
-            parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
-        elif isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=comments.get(f.name))
-        else:
-            parser.add_argument(flag, type=type(default) if default is not None else str, default=default,
-                                required=default is None, help=comments.get(f.name))
+    """One ``--flag`` per field of a config dataclass, under its settings group, with the help its field carries;
+    fields in ``skip`` are left to the caller."""
+    for title, names in groups(config):
+        group = parser.add_argument_group(title)
+        for name in (n for n in names if n not in skip):
+            f = config.__dataclass_fields__[name]
+            flag, text = "--" + name.replace("_", "-"), f.metadata.get("help")
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            if name == "progress":
+                group.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+            elif isinstance(default, bool):
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
+            else:
+                group.add_argument(flag, type=type(default) if default is not None else str, default=default,
+                                   required=default is None, help=text)
 
 
 def cmd_sft(args) -> int:

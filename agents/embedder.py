@@ -71,7 +71,6 @@ class LLMEmbedder:
             (NPL: upper-case queries, lower-case documents), where a cased tokenizer would otherwise
             see unrelated tokens for the same words; the baselines are uncased already.
         reasoning_tokens: 0 embeds queries directly; N > 0 first generates up to N tokens.
-        sample, temperature: sampled (instead of greedy) reasoning, for RL rollouts.
         batch_size: sequences per forward pass in ``encode_*``.
         version: starting encoder version; :meth:`bump_version` after every optimiser step.
         weights_id: what the weights are, e.g. a digest of the model files (``cache_keys.folder_digest``) and of
@@ -89,8 +88,6 @@ class LLMEmbedder:
         max_query_tokens: int = 64,
         lowercase: bool = False,
         reasoning_tokens: int = 0,
-        sample: bool = False,
-        temperature: float = 0.7,
         batch_size: int = 16,
         version: int = 0,
         weights_id: str | None = None,
@@ -110,8 +107,6 @@ class LLMEmbedder:
         self.max_query_tokens = max_query_tokens
         self.lowercase = lowercase
         self.reasoning_tokens = reasoning_tokens
-        self.sample = sample
-        self.temperature = temperature
         self.batch_size = batch_size
         self.weights_id = weights_id
 
@@ -210,8 +205,9 @@ class LLMEmbedder:
         return self._encode(self.query_sequences(texts, reasoning))
 
     # ------------------------------------------------------------------ reasoning
-    def generate_reasoning(self, texts: Sequence[str], max_new_tokens: int | None = None) -> list[list[int]]:
-        """Up to N generated response tokens per query (greedy, or sampled if ``sample``).
+    def generate_reasoning(self, texts: Sequence[str], max_new_tokens: int | None = None,
+                           temperature: float | None = None) -> list[list[int]]:
+        """Up to N generated response tokens per query: greedy, or sampled at ``temperature`` (RL rollouts).
 
         Generation stops at the embed token or an end-of-turn token. A response
         that emitted the embed token keeps it (the model placed it); otherwise the
@@ -219,7 +215,7 @@ class LLMEmbedder:
         """
         n_new = self.reasoning_tokens if max_new_tokens is None else max_new_tokens
         prompts = [self.query_template.prompt(c) for c in self._content(texts, self.max_query_tokens)]
-        stops = {self.embed_id, *_as_list(self.model.generation_config.eos_token_id), self.tokenizer.eos_token_id}
+        stops = {self.embed_id, *as_list(self.model.generation_config.eos_token_id), self.tokenizer.eos_token_id}
         stops.discard(None)
         out: list[list[int]] = [[] for _ in prompts]
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
@@ -237,15 +233,15 @@ class LLMEmbedder:
                     input_ids=ids.to(self.device),
                     attention_mask=mask.to(self.device),
                     max_new_tokens=n_new,
-                    do_sample=self.sample,
-                    temperature=self.temperature if self.sample else None,
+                    do_sample=temperature is not None,
+                    temperature=temperature,
                     top_p=None,
                     top_k=None,
                     eos_token_id=sorted(stops),
                     pad_token_id=self.pad_id,
                 )[:, width:].tolist()
                 for r, i in enumerate(rows):
-                    out[i] = _cut_at_stop(generated[r], stops, self.embed_id)
+                    out[i] = cut_at_stop(generated[r], stops, self.embed_id)
         return out
 
     def __repr__(self) -> str:
@@ -255,11 +251,11 @@ class LLMEmbedder:
         )
 
 
-def _as_list(x) -> list:
+def as_list(x) -> list:
     return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
 
 
-def _cut_at_stop(tokens: list[int], stops: set[int], embed_id: int) -> list[int]:
+def cut_at_stop(tokens: list[int], stops: set[int], embed_id: int) -> list[int]:
     """Tokens up to the first stop token; the embed token is kept, other stop tokens are dropped."""
     for j, t in enumerate(tokens):
         if t in stops:

@@ -43,21 +43,23 @@ class MetricsLog:
         with atomic_write(self.path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)
 
-    def plot(self, png: str | Path, title: str = "") -> Path:
-        """One panel per group of keys against step: ``loss*``, ``eval*``, and, for a run that reasons, the
-        share of queries trained on a reasoning (``reasoning_kept``) and of samples that emitted the embed token."""
+    def plot(self, png: str | Path, title: str = "", panels: dict[str, tuple[str, ...]] | None = None) -> Path:
+        """One panel per entry of ``panels`` (title -> key prefixes) against step. By default SFT's: ``loss*``,
+        ``eval*``, and, for a run that reasons, the share of queries trained on a reasoning and of samples that
+        emitted the embed token."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
         records = self.read()
-        groups = {"loss": ("loss",), "eval": ("eval",), "reasoning (share)": ("reasoning_kept", "embed_emitted")}
+        groups = panels or {"loss": ("loss",), "eval": ("eval",), "reasoning (share)": ("reasoning_kept", "embed_emitted")}
         panels = {name: sorted({k for r in records for k in r if k.startswith(prefixes)})
                   for name, prefixes in groups.items()}
         panels = {name: keys for name, keys in panels.items() if keys or name in ("loss", "eval")}
-        fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4))
-        for ax, (name, keys) in zip(axes, panels.items()):
+        panels = panels or {next(iter(groups)): []}
+        fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+        for ax, (name, keys) in zip(axes[0], panels.items()):
             for key in keys:
                 pts = [(r["step"], r[key]) for r in records if key in r]
                 ax.plot(*zip(*pts), marker="o" if name == "eval" else None, markersize=3, label=key)

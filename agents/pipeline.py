@@ -35,6 +35,7 @@ from searchr3_env.evaluation import evaluate_pair
 from searchr3_env.task import default_document_encoder, resolve_dataset
 
 from . import grpo, sft
+from .policy import build_embedder, load_agent
 from .config import PipelineConfig
 
 log = logging.getLogger(__name__)
@@ -103,12 +104,12 @@ def run(cfg: PipelineConfig) -> list[dict]:
         mine_depth=max(10, cfg.sft_hard_negatives), hard_negatives=cfg.sft_hard_negatives, max_steps=cfg.sft_steps,
         batch_size=cfg.sft_batch, lr=cfg.sft_lr, warmup_steps=min(2, cfg.sft_steps - 1),
         checkpoint_every=cfg.sft_steps, progress=cfg.progress, cache_dir=cfg.cache_dir)
-    base = sft.build_embedder(sft_cfg)
+    base = build_embedder(sft_cfg)
     rows.append(timed("base eval", evaluate_row, "base", base, base, data, cfg.cache_dir, cfg.progress))
     del base
 
     checkpoint = timed("sft", sft.train, sft_cfg)
-    agent, documents = sft.load_agent(checkpoint, cache_dir=cfg.cache_dir)
+    agent, documents = load_agent(checkpoint, cache_dir=cfg.cache_dir)
     rows.append(timed("sft eval", evaluate_row, "sft", agent, documents, data, cfg.cache_dir, cfg.progress))
     agent.reasoning_tokens = cfg.reasoning_tokens
     rows.append(timed("sft+reasoning eval", evaluate_row, f"sft+reasoning{cfg.reasoning_tokens}", agent, documents,
@@ -121,7 +122,7 @@ def run(cfg: PipelineConfig) -> list[dict]:
         max_steps=cfg.grpo_steps, lr=cfg.grpo_lr, val_queries=min(4, cfg.train_queries // 4),
         refresh_pool=20, checkpoint_every=cfg.grpo_steps, progress=cfg.progress, cache_dir=cfg.cache_dir)
     checkpoint = timed("grpo", grpo.train, grpo_cfg)
-    agent, documents = grpo.load_grpo_agent(checkpoint)
+    agent, documents = load_agent(checkpoint, reasoning_tokens=cfg.reasoning_tokens, cache_dir=cfg.cache_dir)
     rows.append(timed("grpo eval", evaluate_row, f"sft+grpo+reasoning{cfg.reasoning_tokens}", agent, documents,
                       data, cfg.cache_dir, cfg.progress))
     timings["total"] = time.perf_counter() - started

@@ -65,12 +65,8 @@ def sample_rollouts(embedder: LLMEmbedder, query_ids: Sequence[str], texts: Sequ
     """``group`` sampled responses for each query (rollout i * group + g is query i's g-th)."""
     ids = [q for q in query_ids for _ in range(group)]
     repeated = [t for t in texts for _ in range(group)]
-    sample, temp = embedder.sample, embedder.temperature
-    embedder.sample, embedder.temperature = True, temperature
-    try:
-        reasoning = embedder.generate_reasoning(repeated, max_new_tokens=budget) if budget > 0 else [[] for _ in ids]
-    finally:
-        embedder.sample, embedder.temperature = sample, temp
+    reasoning = (embedder.generate_reasoning(repeated, max_new_tokens=budget, temperature=temperature) if budget > 0
+                 else [[] for _ in ids])
     fmt, emitted = format_reward(reasoning, embedder.embed_id, budget)
     return Rollouts(ids, reasoning, embedder.query_sequences(repeated, reasoning),
                     embedder.query_response_starts(repeated), fmt, emitted)

@@ -35,7 +35,7 @@ torch = import_extra("torch", "llm", "agents.trl_reward")  # before the agents m
 from searchr3_env.task import RetrievalTask
 from searchr3_env.vector_env import RetrievalVectorEnv
 
-from .embedder import LLMEmbedder, _as_list, _cut_at_stop
+from .embedder import LLMEmbedder, as_list, cut_at_stop
 from .prompts import QUERY_SYSTEM
 from .rollouts import format_reward
 
@@ -54,14 +54,14 @@ class SearchR3Reward:
         self.embedder, self.task, self.budget, self.w_format = embedder, task, budget, w_format
         self.start_version = embedder.version
         self.__name__ = f"searchr3_{task.reward_name}"  # TRL logs each reward function under its __name__
-        eos = _as_list(embedder.model.generation_config.eos_token_id) + [embedder.tokenizer.eos_token_id]
+        eos = as_list(embedder.model.generation_config.eos_token_id) + [embedder.tokenizer.eos_token_id]
         self.stops = {embedder.embed_id, *eos} - {None}
 
     def __call__(self, prompts, completions, completion_ids: Sequence[Sequence[int]], query_id: Sequence[str],
                  trainer_state=None, **unused) -> list[float]:
         if trainer_state is not None and self.task.encoder is self.embedder:
             self.embedder.version = self.start_version + trainer_state.global_step
-        reasoning = [_cut_at_stop(list(ids), self.stops, self.embedder.embed_id) for ids in completion_ids]
+        reasoning = [cut_at_stop(list(ids), self.stops, self.embedder.embed_id) for ids in completion_ids]
         texts = [self.task.query_text(q) for q in query_id]
         with torch.inference_mode():
             embeddings = self.embedder.forward(self.embedder.query_sequences(texts, reasoning)).embeddings

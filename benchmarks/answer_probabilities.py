@@ -15,7 +15,7 @@ import argparse
 
 import torch
 
-from agents.sft import load_agent
+from agents.policy import load_agent
 from searchr3_env.task import resolve_dataset
 
 

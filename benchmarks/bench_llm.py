@@ -22,9 +22,11 @@ import torch
 
 pytest.importorskip("transformers")
 
-from agents.sft import (  # noqa: E402
-    SFTConfig, batch_losses, build_embedder, make_trainable, mining_index, sample_batch, training_queries,
-)
+from agents.config import SFTConfig  # noqa: E402
+from agents.layout import Layout  # noqa: E402
+from agents.policy import build_embedder, make_trainable  # noqa: E402
+from agents.queries import training_queries  # noqa: E402
+from agents.sft import batch_losses, mining_index, sample_batch  # noqa: E402
 from searchr3_env import CorpusIndex, load_beir  # noqa: E402
 
 GPU = torch.cuda.is_available()
@@ -90,11 +92,12 @@ def test_smollm2_sft_step(benchmark, cranfield, record, train_documents):
     cfg = config(cranfield, train_documents=train_documents, batch_size=batch, hard_negatives=negatives)
     embedder = build_embedder(cfg)
     train = cranfield.split("train")
-    queries = training_queries(cfg, train, train.judged_query_ids, mining_index(cfg, train, embedder, None))
+    queries = training_queries(train, train.judged_query_ids, mining_index(cfg, train, embedder, None),
+                               min_pairs=cfg.min_pairs, mine_depth=cfg.mine_depth, seed=cfg.seed)
     # Frozen documents: random unit rows stand in for the base model's corpus index (same shapes, same cost).
     rows = np.random.default_rng(0).standard_normal((len(cranfield.corpus), embedder.dim)).astype(np.float32)
     frozen = None if train_documents else CorpusIndex(cranfield.doc_ids, rows / np.linalg.norm(rows, axis=1)[:, None])
-    reference = make_trainable(embedder, cfg)
+    reference = make_trainable(embedder, Layout.of_sft(cfg))
     params = [p for p in embedder.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
     steps = iter(range(100))

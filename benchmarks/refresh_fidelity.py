@@ -585,7 +585,7 @@ def plot(path: Path, scenarios: list[Scenario], steps: int, title: str) -> None:
 
 
 def main(argv=None) -> None:
-    from agents.cli import default_cache_dir
+    from agents.config import user_cache_dir
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=1000, help="env steps (= encoder versions) per policy")
@@ -596,7 +596,7 @@ def main(argv=None) -> None:
     parser.add_argument("--lr", type=float, nargs="+", default=[1e-4, 1e-2],
                         help="AdamW learning rate of the drift, one scenario each (default: steady and fast)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="MiniLM index cache")
+    parser.add_argument("--cache-dir", type=Path, default=user_cache_dir(), help="MiniLM index cache")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 

@@ -18,7 +18,8 @@ import logging
 from pathlib import Path
 
 from agents.config import SFTConfig
-from agents.sft import load_agent, train
+from agents.policy import load_agent
+from agents.sft import train
 from searchr3_env import RetrievalTask, evaluate_agent, load_or_build_index
 from searchr3_env.task import resolve_dataset
 

@@ -115,13 +115,14 @@ def train_until_killed():
 import os, signal, torch
 torch.set_num_threads(1)
 import {module} as trainer
-write = trainer.MetricsLog.write
+import agents.config, agents.metrics_log as metrics_log
+write = metrics_log.MetricsLog.write
 def write_then_die(self, step, **values):
     write(self, step, **values)
     if step == {step} and {key!r} in values:
         os.kill(os.getpid(), signal.SIGKILL)
-trainer.MetricsLog.write = write_then_die
-trainer.train(trainer.{type(config).__name__}(**{asdict(config)!r}))
+metrics_log.MetricsLog.write = write_then_die
+trainer.train(agents.config.{type(config).__name__}(**{asdict(config)!r}))
 """
         root = Path(__file__).parents[2]
         child = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True,

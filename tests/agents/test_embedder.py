@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from agents.embedder import LLMEmbedder, _cut_at_stop
+from agents.embedder import LLMEmbedder, cut_at_stop
 from agents.models import load_causal_lm, resolve_model_dir
 from agents.prompts import EMBED_TOKEN
 from searchr3_env import Encoder
@@ -38,9 +38,9 @@ def test_reasoning_goes_before_the_answer_and_an_emitted_embed_token_is_not_repe
     assert with_reasoning[start : start + 2] == [40, 41] and with_reasoning[-len(e.query_template.answer):] == e.query_template.answer
     emitted = e.query_sequences(["shock wave"], [[40, e.embed_id]])[0]
     assert emitted == plain[:start] + [40, e.embed_id]
-    assert _cut_at_stop([5, 6, 2, 2], {2, 9}, 9) == [5, 6]
-    assert _cut_at_stop([5, 9, 2], {2, 9}, 9) == [5, 9]
-    assert _cut_at_stop([5, 6], {2, 9}, 9) == [5, 6]
+    assert cut_at_stop([5, 6, 2, 2], {2, 9}, 9) == [5, 6]
+    assert cut_at_stop([5, 9, 2], {2, 9}, 9) == [5, 9]
+    assert cut_at_stop([5, 6], {2, 9}, 9) == [5, 6]
 
 
 def test_lowercase_folds_case_of_queries_and_documents_only_when_asked(tiny_embedder):

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from types import SimpleNamespace
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -12,7 +13,9 @@ import torch
 from agents.checkpoint import resumable_checkpoint
 from agents.cli import main
 from agents.config import GRPOConfig, SFTConfig
-from agents.grpo import contrastive_targets, load_grpo_agent, query_collection, train
+from agents.grpo import contrastive_targets, train
+from agents.policy import load_agent
+from agents.queries import query_collection
 from agents.rollouts import format_reward, group_advantages
 from agents.sft import train as train_sft
 from searchr3_env.beir import load_beir
@@ -93,9 +96,9 @@ def test_a_run_older_than_a_setting_resumes_with_its_default(finished_run, tmp_p
 
 def test_checkpoint_loads_as_a_reasoning_agent(finished_run):
     cfg, checkpoint = finished_run
-    agent, documents = load_grpo_agent(checkpoint)
+    agent, documents = load_agent(checkpoint)
     assert documents is agent and agent.version == 16 and "-grpo-" in agent.name
-    assert agent.reasoning_tokens == cfg.reasoning_tokens and not agent.sample
+    assert agent.reasoning_tokens == cfg.reasoning_tokens
     texts = ["boundary layer flow", "shock wave"]
     np.testing.assert_array_equal(agent.encode_queries(texts), agent.encode_queries(texts))  # greedy reasoning
 
@@ -118,14 +121,15 @@ def test_format_reward_and_group_advantages():
 
 
 def test_contrastive_targets_never_use_a_relevant_document_as_negative():
-    info = {"relevant_ids": [["a", "b"], ["c"]], "grades": [[1, 2], [1]], "top_k_ids": [["x", "a", "c"], ["b", "y"]]}
-    candidates, positive, exclude = contrastive_targets(info, hard_negatives=2)
-    assert candidates == ["b", "c", "x", "y"]  # unique, positives first (b has the higher grade)
+    a, b, c, x, y = range(5)  # index rows
+    scored = SimpleNamespace(relevant_positions=np.array([[a, b], [c, -1]]), grades=np.array([[1, 2], [1, 0]]),
+                             top_positions=np.array([[x, a, c], [b, y, -1]]))
+    candidates, positive, exclude = contrastive_targets(scored, hard_negatives=2)
+    assert candidates == [b, c, x, y]  # unique, positives first (b has the higher grade)
     assert positive.tolist() == [0, 1]
     assert exclude.tolist() == [[False, False, False, False], [False, False, False, False]]
-    info["relevant_ids"][0].append("y")
-    info["grades"][0].append(1)
-    _, _, exclude = contrastive_targets(info, hard_negatives=2)
+    scored.relevant_positions, scored.grades = np.array([[a, b, y], [c, -1, -1]]), np.array([[1, 2, 1], [1, 0, 0]])
+    _, _, exclude = contrastive_targets(scored, hard_negatives=2)
     assert exclude[0].tolist() == [False, False, False, True]  # y is relevant to query 0: masked for it only
 
 

@@ -47,7 +47,7 @@ def test_models_in_folders_of_the_same_name_do_not_share_a_cached_index(tmp_path
 
 def test_settings_that_change_document_rows_change_the_key(tiny_model_dir):
     from agents.config import SFTConfig
-    from agents.sft import build_embedder
+    from agents.policy import build_embedder
 
     base = SFTConfig(data="", model=str(tiny_model_dir), max_doc_tokens=24)
     keys = {build_embedder(base).cache_key}

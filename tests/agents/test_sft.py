@@ -2,7 +2,7 @@
 
 import json
 import logging
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -11,16 +11,9 @@ import pytest
 from agents.checkpoint import CheckpointError, resolve_checkpoint
 from agents.cli import main
 from agents.config import SFTConfig
-from agents.sft import (
-    base_encoder_name,
-    build_embedder,
-    body_excerpt,
-    choose_reasoning,
-    finished_thought,
-    load_agent,
-    pseudo_queries,
-    train,
-)
+from agents.policy import base_encoder_name, build_embedder, load_agent
+from agents.queries import body_excerpt, pseudo_queries
+from agents.sft import choose_reasoning, finished_thought, train
 from searchr3_env import load_beir
 
 LOSS_KEYS = ("loss", "loss_lm", "loss_kl", "loss_nce", "loss_triplet", "grad_norm")
@@ -128,7 +121,7 @@ def test_pseudo_queries_fill_up_scarce_qrels(tiny_beir, tiny_model_dir, tmp_path
         assert (query == doc.title and positive == doc.text) or excerpt
     cfg = tiny_config(tiny_beir, tiny_model_dir, tmp_path / "run", max_steps=1, min_pairs=200, val_queries=0,
                       train_documents=True, negatives="hashing")
-    with caplog.at_level(logging.INFO, logger="agents.sft"):
+    with caplog.at_level(logging.INFO, logger="agents.queries"):
         train(cfg)
     assert "corpus pseudo-queries (qrels scarce" in caplog.text
 
@@ -136,7 +129,7 @@ def test_pseudo_queries_fill_up_scarce_qrels(tiny_beir, tiny_model_dir, tmp_path
 def test_a_lowercase_run_embeds_case_folded_and_caches_its_index_apart(tiny_model_dir, tmp_path):
     cfg = SFTConfig(data="synthetic", model=str(tiny_model_dir), cache_dir=str(tmp_path), lowercase=True)
     embedder = build_embedder(cfg)
-    assert embedder.lowercase and embedder.name == base_encoder_name(replace(cfg, lowercase=False)) + "-lc"
+    assert embedder.lowercase and embedder.name == base_encoder_name(cfg.model, cfg.max_doc_tokens, False) + "-lc"
 
 
 def test_body_excerpt_is_a_sentence_or_a_span_never_the_whole_body():
@@ -199,7 +192,7 @@ def test_chosen_reasoning_is_the_option_that_retrieves_its_positive_best(tiny_em
     # A random tiny model never finishes a sentence, so keep its raw samples: the choice is what is under test.
     samples = []
     monkeypatch.setattr(agents.sft, "finished_thought", lambda tokens, *_: samples.append(tokens) or tokens)
-    cfg = SFTConfig(data="synthetic", reasoning_tokens=6, reasoning_samples=3, temperature=0.05)
+    cfg = SFTConfig(data="synthetic", reasoning_tokens=6, reasoning_samples=3, nce_temperature=0.05)
     texts = ["boundary layer flow", "shock wave on a wing", "buckling of shells"]
     torch.manual_seed(1)
     docs = torch.nn.functional.normalize(torch.randn(6, tiny_embedder.dim), dim=-1)
@@ -266,17 +259,18 @@ def test_answer_probabilities_script_scores_the_fixed_answer(load_script, finish
 
 
 def test_the_embed_token_row_trains_at_its_own_learning_rate(tiny_beir, tiny_model_dir, tmp_path):
-    from agents.sft import build_optimizer, make_trainable
+    from agents.layout import Layout
+    from agents.policy import build_optimizer, make_trainable
 
     cfg = tiny_config(tiny_beir, tiny_model_dir, tmp_path / "run")
     embedder = build_embedder(cfg)
-    make_trainable(embedder, cfg)
+    make_trainable(embedder, Layout.of_sft(cfg))
     rest, row = build_optimizer(embedder.model, 1e-3, 0.0, embed_token_lr_scale=10.0).param_groups
     assert rest["lr"] == 1e-3 and row["lr"] == pytest.approx(1e-2)
     assert [tuple(p.shape) for p in row["params"]] == [(1, embedder.model.config.hidden_size)]
     assert all(p.requires_grad for p in rest["params"]) and len(rest["params"]) > 1
 
     frozen_row = build_embedder(cfg)
-    make_trainable(frozen_row, tiny_config(tiny_beir, tiny_model_dir, tmp_path / "run", train_embed_token=False))
+    make_trainable(frozen_row, Layout.of_sft(tiny_config(tiny_beir, tiny_model_dir, tmp_path / "run", train_embed_token=False)))
     (only,) = build_optimizer(frozen_row.model, 1e-3, 0.0, embed_token_lr_scale=10.0).param_groups
     assert only["lr"] == 1e-3

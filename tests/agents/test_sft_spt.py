@@ -6,14 +6,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agents.sft import SPT_SETTING, build_embedder, load_agent, make_trainable, train
+from agents.layout import SPT_SETTING, Layout
+from agents.policy import build_embedder, load_agent, make_trainable
+from agents.sft import train
 from test_sft import tiny_config
 
 
 @pytest.fixture(autouse=True)
 def tiny_spt_setting(monkeypatch):
     """SPT_SETTING leaves the FFN dense; these tests route it too, so the routers' calibration and reload are covered."""
-    monkeypatch.setattr("agents.sft.SPT_SETTING", dict(sparsity=4, ffn_blocks=8, ffn_active_blocks=6))
+    monkeypatch.setattr("agents.layout.SPT_SETTING", dict(sparsity=4, ffn_blocks=8, ffn_active_blocks=6))
 
 
 def test_sft_with_spt_trains_and_reloads(tiny_beir, tiny_model_dir, tmp_path):
@@ -53,7 +55,7 @@ def test_spt_switch_calibrates_the_patched_model_on_documents(tiny_beir, tiny_mo
     routers = {}
     for texts in ((), ("a first document about wings", "a second one, about engines and fuel")):
         embedder = build_embedder(cfg)
-        make_trainable(embedder, cfg, texts)
+        make_trainable(embedder, Layout.of_sft(cfg), calibration_texts=texts)
         routers[bool(texts)] = [m.router.bias for m in embedder.model.modules() if isinstance(m, RoutedMLP)]
     assert routers[False] and all((bias == 0).all() for bias in routers[False])  # a fresh router has no bias
     assert all((bias != 0).any() for bias in routers[True])  # the calibrated one is fitted to block output norms
@@ -79,10 +81,10 @@ def test_the_shipped_setting_sparsifies_attention_and_keeps_the_ffn_dense(tiny_b
     from spt_kernels.patching import SPTAttentionState, is_patched
     from spt_kernels.routed_mlp import RoutedMLP
 
-    monkeypatch.setattr("agents.sft.SPT_SETTING", SPT_SETTING)  # undo the tiny setting of the fixture
+    monkeypatch.setattr("agents.layout.SPT_SETTING", SPT_SETTING)  # undo the tiny setting of the fixture
     cfg = tiny_config(tiny_beir, tiny_model_dir, tmp_path / "run", spt=True)
     embedder = build_embedder(cfg)
-    make_trainable(embedder, cfg, ("a document about wings",))
+    make_trainable(embedder, Layout.of_sft(cfg), calibration_texts=("a document about wings",))
     modules = list(embedder.model.modules())
     assert is_patched(embedder.model) and not any(isinstance(m, RoutedMLP) for m in modules)
     states = [m.spt for m in modules if isinstance(getattr(m, "spt", None), SPTAttentionState)]

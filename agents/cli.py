@@ -26,6 +26,7 @@ from pathlib import Path
 
 from searchr3_env.evaluation import DEFAULT_METRICS, evaluate_pair
 from searchr3_env.extras import explain_missing
+from searchr3_env.records import record_metadata, record_path_beside, write_record
 from searchr3_env.task import resolve_dataset
 from searchr3_env.trec_run import check_run_ids, check_writable, write_trec_run
 
@@ -65,6 +66,17 @@ def make_llm_agent(spec: str, args):
                          "was trained with")
     return load_agent(checkpoint, reasoning_tokens=args.reasoning, batch_size=args.batch_size,
                       cache_dir=args.cache_dir, **device)
+
+
+def weights_of(spec: str) -> Path | None:
+    """The checkpoint or model folder an ``llm:`` spec evaluates (None for the packaged SmolLM2): a record names
+    the weights it measured by their digest."""
+    from .checkpoint import CheckpointError, resolve_checkpoint
+
+    try:
+        return resolve_checkpoint(spec)
+    except CheckpointError:
+        return Path(spec) if Path(spec).is_dir() else None
 
 
 def format_table(rows: list[dict]) -> str:
@@ -107,11 +119,16 @@ def cmd_pipeline(args) -> int:
 
 def cmd_eval(args) -> int:
     dataset = resolve_dataset(args.data)
-    if args.run_out:  # checked before any encoding, so a long evaluation is never lost at the end
-        check_writable(args.run_out)
+    record_out = args.record_out or (record_path_beside(args.run_out) if args.run_out else None)
+    for path in (args.run_out, record_out):  # checked before any encoding, so a long evaluation is never lost
+        if path:
+            check_writable(path)
+    if args.run_out:
         check_run_ids(dataset.split(args.split).judged_query_ids, dataset.doc_ids)
+    weights = None
     if args.encoder.startswith("llm:"):
         agent, encoder = make_llm_agent(args.encoder[len("llm:"):], args)
+        weights = weights_of(args.encoder[len("llm:"):])
         if args.reasoning:
             args.encoder += f"+reasoning{args.reasoning}"
         row, evaluation = evaluate_pair(args.encoder, agent, encoder, dataset, split=args.split,
@@ -121,6 +138,10 @@ def cmd_eval(args) -> int:
                                             not args.no_progress)
     if args.run_out:
         write_trec_run(args.run_out, evaluation.run, tag=f"searchr3-{args.encoder}")
+    if record_out:
+        write_record(record_out, evaluation, record_metadata(
+            dataset, agent=args.encoder, split=args.split, depth=args.depth, checkpoint=weights,
+            seed=0 if args.encoder == "random" else None))  # the random baseline's seed (make_baseline's default)
     if args.json:
         print(json.dumps({k: v for k, v in row.items() if k != "index_s"}, indent=2))
     else:
@@ -180,7 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="cpu", help="llm encoders: torch device (cuda for a GPU)")
     ev.add_argument("--dtype", default="float32", help="llm encoders: float32, or bfloat16 on GPU")
     ev.add_argument("--json", action="store_true", help=f"print JSON with keys {', '.join(DEFAULT_METRICS)}")
-    ev.add_argument("--run-out", type=Path, help="write a TREC run file (qid Q0 docid rank score tag)")
+    ev.add_argument("--run-out", type=Path, help="write a TREC run file (qid Q0 docid rank score tag), and its "
+                                                 "per-query record beside it (RUN.record.json)")
+    ev.add_argument("--record-out", type=Path, help="write the per-query record (metrics and what identifies the "
+                                                    "run, for benchmarks/tables.py) here")
     common(ev)
     ev.set_defaults(func=cmd_eval)
 

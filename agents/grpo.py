@@ -82,7 +82,7 @@ from .losses import info_nce, kl_to_reference
 from .policy import build_optimizer, cosine_schedule, policy_from_sft
 from .queries import query_collection, split_train_queries
 from .rollouts import Rollouts, group_advantages, sample_rollouts
-from .run_loop import Hooks, Trainee, run
+from .run_loop import Hooks, Trainee, Validation, run
 
 log = logging.getLogger(__name__)
 PANELS = {"reward": ("reward",), "held-out nDCG@10": ("eval_val_ndcg@10",), "KL to SFT": ("loss_kl",),
@@ -237,10 +237,11 @@ def reward_by_source(pseudo_ids: set[str], query_ids: list[str], env_reward: np.
     return split
 
 
-def held_out(policy: LLMEmbedder, val_task: RetrievalTask | None) -> dict:
+def held_out(policy: LLMEmbedder, val_task: RetrievalTask | None) -> Validation | None:
     if val_task is None:
-        return {}
-    return {"eval_val_ndcg@10": evaluate_agent(policy, val_task, progress=False).metrics.mean["ndcg@10"]}
+        return None
+    return Validation("eval_val_ndcg@10", evaluate_agent(policy, val_task, progress=False), val_task.dataset,
+                      val_task.top_k)
 
 
 def save_trained_index(task: RetrievalTask, run_dir: Path, step: int) -> None:

@@ -32,11 +32,12 @@ import numpy as np
 from searchr3_env.atomic import atomic_write
 from searchr3_env.dataset import RetrievalDataset
 from searchr3_env.evaluation import evaluate_pair
+from searchr3_env.records import record_metadata, write_record
 from searchr3_env.task import default_document_encoder, resolve_dataset
 
 from . import grpo, sft
 from .policy import build_embedder, load_agent
-from .config import PipelineConfig
+from .config import GRPOConfig, PipelineConfig, SFTConfig
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +72,16 @@ def subset(full: RetrievalDataset, cfg: PipelineConfig) -> RetrievalDataset:
                             {q: full.queries[q] for q in keep}, {q: dict(full.qrels[q]) for q in keep})
 
 
-def evaluate_row(name: str, agent, documents, data: RetrievalDataset, cache_dir: str | None, progress: bool) -> dict:
-    """One table row: the agent's test-split metrics (top 100) over the documents' (cached) corpus index."""
+def evaluate_row(cfg: PipelineConfig, name: str, agent, documents, data: RetrievalDataset, cache_dir: str | None,
+                 checkpoint: Path | None = None) -> dict:
+    """One table row: the agent's test-split metrics (top 100) over the documents' (cached) corpus index; its
+    per-query record goes to ``records/<name>.json`` under the demo's folder."""
     row, evaluation = evaluate_pair(name, agent, documents, data, split="test", depth=100, cache_dir=cache_dir,
-                                    progress=progress)
+                                    progress=cfg.progress)
     log.info("%s: %s", name, {k: round(v, 4) for k, v in evaluation.metrics.mean.items()})
+    write_record(Path(cfg.output_dir) / "records" / f"{name}.json", evaluation,
+                 record_metadata(data, agent=f"demo:{name}", split="test", depth=100, seed=cfg.seed,
+                                 checkpoint=checkpoint))
     return row
 
 
@@ -97,34 +103,34 @@ def run(cfg: PipelineConfig) -> list[dict]:
         return result
 
     hashing = default_document_encoder(data)
-    rows = [evaluate_row("hashing", hashing, hashing, data, None, False)]
-    sft_cfg = sft.SFTConfig(
+    rows = [evaluate_row(cfg, "hashing", hashing, hashing, data, None)]
+    sft_cfg = SFTConfig(
         data=str(folder), model=cfg.model, output_dir=str(out / "sft"), seed=cfg.seed, device=cfg.device,
         dtype=cfg.dtype, max_doc_tokens=cfg.max_doc_tokens, train_documents=cfg.train_documents, val_queries=0,
         mine_depth=max(10, cfg.sft_hard_negatives), hard_negatives=cfg.sft_hard_negatives, max_steps=cfg.sft_steps,
         batch_size=cfg.sft_batch, lr=cfg.sft_lr, warmup_steps=min(2, cfg.sft_steps - 1),
         checkpoint_every=cfg.sft_steps, progress=cfg.progress, cache_dir=cfg.cache_dir)
     base = build_embedder(sft_cfg)
-    rows.append(timed("base eval", evaluate_row, "base", base, base, data, cfg.cache_dir, cfg.progress))
+    rows.append(timed("base eval", evaluate_row, cfg, "base", base, base, data, cfg.cache_dir))
     del base
 
     checkpoint = timed("sft", sft.train, sft_cfg)
     agent, documents = load_agent(checkpoint, cache_dir=cfg.cache_dir)
-    rows.append(timed("sft eval", evaluate_row, "sft", agent, documents, data, cfg.cache_dir, cfg.progress))
+    rows.append(timed("sft eval", evaluate_row, cfg, "sft", agent, documents, data, cfg.cache_dir, checkpoint))
     agent.reasoning_tokens = cfg.reasoning_tokens
-    rows.append(timed("sft+reasoning eval", evaluate_row, f"sft+reasoning{cfg.reasoning_tokens}", agent, documents,
-                      data, cfg.cache_dir, cfg.progress))
+    rows.append(timed("sft+reasoning eval", evaluate_row, cfg, f"sft+reasoning{cfg.reasoning_tokens}", agent,
+                      documents, data, cfg.cache_dir, checkpoint))
     del agent, documents
 
-    grpo_cfg = grpo.GRPOConfig(
+    grpo_cfg = GRPOConfig(
         data=str(folder), init=str(out / "sft"), output_dir=str(out / "grpo"), seed=cfg.seed,
         queries_per_step=cfg.queries_per_step, group_size=cfg.group_size, reasoning_tokens=cfg.reasoning_tokens,
         max_steps=cfg.grpo_steps, lr=cfg.grpo_lr, val_queries=min(4, cfg.train_queries // 4),
         refresh_pool=20, checkpoint_every=cfg.grpo_steps, progress=cfg.progress, cache_dir=cfg.cache_dir)
     checkpoint = timed("grpo", grpo.train, grpo_cfg)
     agent, documents = load_agent(checkpoint, reasoning_tokens=cfg.reasoning_tokens, cache_dir=cfg.cache_dir)
-    rows.append(timed("grpo eval", evaluate_row, f"sft+grpo+reasoning{cfg.reasoning_tokens}", agent, documents,
-                      data, cfg.cache_dir, cfg.progress))
+    rows.append(timed("grpo eval", evaluate_row, cfg, f"sft+grpo+reasoning{cfg.reasoning_tokens}", agent,
+                      documents, data, cfg.cache_dir, checkpoint))
     timings["total"] = time.perf_counter() - started
     with atomic_write(out / "results.json", "w") as f:
         f.write(json.dumps({"config": asdict(cfg), "rows": rows, "seconds": timings}, indent=2))

@@ -19,6 +19,9 @@ from typing import Callable
 from tqdm.auto import tqdm
 
 from searchr3_env.atomic import atomic_write
+from searchr3_env.dataset import RetrievalDataset
+from searchr3_env.evaluation import AgentEvaluation
+from searchr3_env.records import record_metadata, write_record
 
 from .checkpoint import latest_checkpoint, load_training_state, save_checkpoint
 from .layout import Layout
@@ -38,12 +41,22 @@ class Trainee:
     layout: Layout
 
 
+@dataclass(frozen=True)
+class Validation:
+    """A held-out evaluation: logged as ``key`` (its mean nDCG@10), its per-query record kept under records/."""
+
+    key: str  # e.g. "eval_val_ndcg@10"
+    evaluation: AgentEvaluation
+    dataset: RetrievalDataset  # the held-out queries it scored
+    depth: int  # documents retrieved per query
+
+
 @dataclass
 class Hooks:
     """What a stage plugs into the loop."""
 
     step: Callable[[int], dict]  # one optimiser step at step t; returns the metrics to log at t + 1
-    evaluate: Callable[[], dict] = lambda: {}  # held-out metrics, logged at the current step ({} = none)
+    evaluate: Callable[[], Validation | None] = lambda: None  # the held-out evaluation (None: there is none)
     before_checkpoint: Callable[[int], None] = lambda step: None  # state outside the model to save at a step
     after_checkpoint: Callable[[Path], None] = lambda checkpoint: None  # e.g. drop what no kept checkpoint needs
     postfix: tuple[str, ...] = ("loss",)  # metrics shown beside the progress bar
@@ -71,9 +84,13 @@ def run(cfg, trainee: Trainee, hooks: Hooks, resume_from: Path | None, desc: str
         out.write(json.dumps(asdict(cfg), indent=2))
 
     def evaluate() -> None:
-        if values := hooks.evaluate():
-            metrics.write(step, **values)
-            log.info("step %d: %s", step, {k: round(v, 4) for k, v in values.items()})
+        if (val := hooks.evaluate()) is not None:
+            metrics.write(step, **{val.key: val.evaluation.metrics.mean["ndcg@10"]})
+            log.info("step %d: %s %.4f", step, val.key, val.evaluation.metrics.mean["ndcg@10"])
+            # Per-query scores of the held-out train queries: what development comparisons are tested on.
+            write_record(run_dir / "records" / f"{val.key}-step-{step:06d}.json", val.evaluation,
+                         record_metadata(val.dataset, agent=f"{desc}:{run_dir.name}", split="train", held_out=True,
+                                         depth=val.depth, seed=cfg.seed, step=step))
 
     if step == 0:
         evaluate()

@@ -51,7 +51,7 @@ from .losses import info_nce, kl_to_reference, lm_cross_entropy, triplet_margin
 from .policy import build_embedder, build_optimizer, cosine_schedule, load_agent, make_trainable, model_tag
 from .queries import TrainQuery, rerank_pool, split_train_queries, training_queries
 from .rollouts import sample_rollouts
-from .run_loop import Hooks, Trainee, run
+from .run_loop import Hooks, Trainee, Validation, run
 
 log = logging.getLogger(__name__)
 SPT_CALIBRATION_DOCS = 64  # evenly spaced corpus documents that calibrate a freshly SPT-patched model
@@ -254,15 +254,15 @@ def validation(cfg: SFTConfig, full: RetrievalDataset, train_split: RetrievalDat
     return None, rerank_pool(train_split, val_ids, miner, cfg.eval_pool)
 
 
-def evaluate(embedder: LLMEmbedder, val_task: RetrievalTask | None, val_pool: RetrievalDataset | None) -> dict:
-    """nDCG@10 of the held-out train queries: full retrieval (frozen documents) or a pool rerank."""
-    if val_task is not None:
-        return {"eval_val_ndcg@10": evaluate_agent(embedder, val_task, progress=False).metrics.mean["ndcg@10"]}
-    if val_pool is not None:
+def evaluate(embedder: LLMEmbedder, val_task: RetrievalTask | None, val_pool: RetrievalDataset | None):
+    """The held-out train queries: full retrieval (frozen documents) or a rerank of their pool; None without any."""
+    if val_task is None and val_pool is None:
+        return None
+    key = "eval_val_ndcg@10"
+    if val_task is None:
         index = CorpusIndex.build(val_pool, embedder, progress=False)
-        task = RetrievalTask(val_pool, embedder, index, split="all", top_k=len(index))
-        return {"eval_val_rerank_ndcg@10": evaluate_agent(embedder, task, progress=False).metrics.mean["ndcg@10"]}
-    return {}
+        val_task, key = RetrievalTask(val_pool, embedder, index, split="all", top_k=len(index)), "eval_val_rerank_ndcg@10"
+    return Validation(key, evaluate_agent(embedder, val_task, progress=False), val_task.dataset, val_task.top_k)
 
 
 def train(cfg: SFTConfig) -> Path:

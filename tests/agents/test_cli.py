@@ -11,6 +11,7 @@ import pytest
 from agents.cli import main
 from searchr3_env import load_beir, read_trec_run
 from searchr3_env.metrics import evaluate_run
+from searchr3_env.records import read_records
 
 
 def test_demo_prints_one_table_per_agent(capsys):
@@ -34,6 +35,10 @@ def test_eval_json_and_run_file_agree(tmp_path, capsys, shared_data):
     recomputed = evaluate_run(read_trec_run(run_path), load_beir(data, split="test").qrels).mean
     for key, value in recomputed.items():
         assert reported[key] == pytest.approx(value, abs=1e-12)
+    # ... and so does the per-query record written beside it, which names the collection's content.
+    (record,) = read_records(tmp_path / "run.record.json")
+    assert record.mean == pytest.approx({k: reported[k] for k in record.metrics}) and record.metadata["agent"] == "hashing"
+    assert record.metadata["fingerprint"] == load_beir(data).fingerprint and record.metadata["split"] == "test"
 
 
 # ---------------------------------------------------------------------------------------------- user errors

@@ -2,10 +2,13 @@
 
 import json
 
+import pytest
+
 from agents.cli import main
 from agents.config import PipelineConfig
 from agents.pipeline import subset
 from searchr3_env import load_beir
+from searchr3_env.records import read_records
 
 AGENTS = ["hashing", "base", "sft", "sft+reasoning3", "sft+grpo+reasoning3"]
 
@@ -24,6 +27,12 @@ def test_demo_runs_every_stage_and_prints_the_before_after_table(tiny_beir, tiny
     assert [r["agent"] for r in results["rows"]] == AGENTS
     assert all(r["queries"] == results["rows"][0]["queries"] > 0 for r in results["rows"])  # same test queries
     assert (out / "grpo" / "metrics.png").is_file() and (out / "sft" / "metrics.png").is_file()
+    # Every row has its per-query record, and a record's mean is the table's number.
+    records = {r.metadata["agent"]: r for r in read_records(out / "records")}
+    assert sorted(records) == sorted(f"demo:{a}" for a in AGENTS)
+    for row in results["rows"]:
+        assert records[f"demo:{row['agent']}"].mean["ndcg@10"] == pytest.approx(row["ndcg@10"], abs=1e-12)
+    assert records["demo:sft"].metadata["checkpoint"]["digest"]  # trained rows name the weights they measured
 
     # `searchr3 rl` continues from the demo's SFT run.
     assert main(["rl", "--data", str(next((out / "data").iterdir())), "--init", str(out / "sft"), "--output-dir",

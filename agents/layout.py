@@ -29,13 +29,16 @@ from .prompts import PROMPT_FORMAT
 # What new runs use. LoRA adapts every projection of attention and the FFN.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # SPT as ``--spt`` uses it: sparse attention at s = 4, the FFN left dense (a routed FFN of a pretrained model costs
-# quality with few large blocks and speed with many small ones: the SPT quality results in benchmarks/).
+# quality with few large blocks and speed with many small ones: benchmarks/results/spt.md).
 SPT_SETTING = {"sparsity": 4, "routed_ffn": False}
+# What checkpoints written before layouts were recorded used, spelt out: the constants above may change, these not.
+# LoRA's targets never changed in that time.
+HISTORIC_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Every SPT setting ``--spt`` has used, by the number of FFN router blocks its tensors show (0: no routed FFN).
 HISTORIC_SPT = {
     4: {"sparsity": 8, "ffn_blocks": 4, "ffn_active_blocks": 2},  # SPTConfig() as it was, until c54f681
     64: {"sparsity": 4, "ffn_blocks": 64, "ffn_active_blocks": 48},  # from c54f681 until 6e677bc
-    0: SPT_SETTING,  # since 6e677bc
+    0: {"sparsity": 4, "routed_ffn": False},  # from 6e677bc until layouts were recorded
 }
 
 
@@ -104,19 +107,20 @@ def infer_layout(checkpoint: Path) -> Layout:
         cfg = GRPOConfig(**upgrade_saved(GRPOConfig, saved))
         sft_checkpoint = resolve_checkpoint(cfg.init)
         layout = Layout.of_grpo(cfg, read_layout(sft_checkpoint), sft_checkpoint)
-        return dataclasses.replace(layout, lora_targets=_lora_targets(names, checkpoint) if cfg.lora else LORA_TARGETS)
+        return dataclasses.replace(layout, lora_targets=_lora_targets(names, checkpoint) if cfg.lora
+                                   else HISTORIC_LORA_TARGETS)
     cfg = SFTConfig(**upgrade_saved(SFTConfig, saved))
     layout = Layout.of_sft(cfg)
     spt = None
     if cfg.spt:
-        blocks = {shape[0] for name, shape in names.items() if name.endswith("router.weight")}
-        n_blocks = blocks.pop() if len(blocks) == 1 else 0 if not blocks else None
+        blocks = sorted({shape[0] for name, shape in names.items() if name.endswith("router.weight")})
+        n_blocks = blocks[0] if len(blocks) == 1 else 0 if not blocks else None
         if n_blocks not in HISTORIC_SPT:
             raise CheckpointError(f"{checkpoint}: an --spt checkpoint from before layouts were recorded, with FFN "
-                                  f"routers of {sorted(blocks)} blocks, which no past --spt setting used; its SPT "
+                                  f"routers of {blocks} blocks, which no past --spt setting used; its SPT "
                                   "setting cannot be inferred")
         spt = dict(HISTORIC_SPT[n_blocks])
-    targets = _lora_targets(names, checkpoint) if cfg.lora else LORA_TARGETS
+    targets = _lora_targets(names, checkpoint) if cfg.lora else HISTORIC_LORA_TARGETS
     return dataclasses.replace(layout, lora_targets=targets, spt=spt)
 
 
@@ -129,8 +133,8 @@ def _tensor_shapes(checkpoint: Path) -> dict[str, tuple[int, ...]]:
 
 
 def _lora_targets(names: dict, checkpoint: Path) -> tuple[str, ...]:
-    """The modules LoRA adapted, in the order of :data:`LORA_TARGETS` (any others after, sorted)."""
+    """The modules LoRA adapted, in the order of :data:`HISTORIC_LORA_TARGETS` (any others after, sorted)."""
     found = {name.split(".lora_A")[0].rsplit(".", 1)[-1] for name in names if ".lora_A" in name}
     if not found:
         raise CheckpointError(f"{checkpoint}: a LoRA checkpoint without LoRA tensors; its adapters cannot be inferred")
-    return tuple(t for t in LORA_TARGETS if t in found) + tuple(sorted(found - set(LORA_TARGETS)))
+    return tuple(t for t in HISTORIC_LORA_TARGETS if t in found) + tuple(sorted(found - set(HISTORIC_LORA_TARGETS)))

@@ -4,7 +4,7 @@ The Python API behind ``searchr3 sft`` and ``searchr3 eval --encoder llm:RUN``:
 
     .venv/bin/python examples/sft_cranfield.py [--data ../shared/data/cranfield] [--steps 24]
 
-The settings of run A in ``benchmarks/RESULTS_llm.md``, sized for a 2-core CPU:
+The settings of run A in ``benchmarks/results/retrieval.md``, sized for a 2-core CPU:
 frozen documents (the base model's corpus index, built once and cached; the
 first build is the slow part, ~10 min idle, much more on a shared machine), LoRA
 on the top 15 layers, 16 queries and 7 mined hard negatives per step (~10-20 s

@@ -140,12 +140,13 @@ def cosine_schedule(warmup_steps: int, max_steps: int):
 
 
 # ---------------------------------------------------------------------------------------------- GRPO's policy
-def policy_from_sft(cfg: GRPOConfig, batch_size: int | None = None):
+def policy_from_sft(cfg: GRPOConfig, batch_size: int | None = None, layout: Layout | None = None):
     """(policy, document encoder, reference or None, the SFT config, the GRPO layout) from SFT checkpoint ``cfg.init``.
 
     The SFT weights are merged (if LoRA) and fresh adapters go on top, so the
     reference is the policy with adapters off. The document encoder is the
     policy itself when SFT trained documents, else the untrained base model.
+    ``layout``: the adapters a GRPO checkpoint recorded, to load it; None: a new run's.
     """
     checkpoint = resolve_checkpoint(cfg.init)
     sft_cfg = read_config(checkpoint, SFTConfig)
@@ -154,7 +155,7 @@ def policy_from_sft(cfg: GRPOConfig, batch_size: int | None = None):
     sft_layout = read_layout(checkpoint)
     if sft_layout.lora:
         policy.model = policy.model.merge_and_unload()
-    layout = Layout.of_grpo(cfg, sft_layout, checkpoint)
+    layout = layout or Layout.of_grpo(cfg, sft_layout, checkpoint)
     reference = make_trainable(policy, layout, gradient_checkpointing=cfg.gradient_checkpointing,
                                progress=sft_cfg.progress)
     return policy, documents, reference, sft_cfg, layout
@@ -180,7 +181,7 @@ def load_agent(path: str | Path, *, reasoning_tokens: int | None = None, device:
         cfg = read_config(checkpoint, GRPOConfig)
         cfg = GRPOConfig(**{**cfg.__dict__, "init": layout.base, "device": device or cfg.device,
                             "dtype": dtype or cfg.dtype, "cache_dir": str(cache_dir or cfg.cache_dir)})
-        policy, documents, _, _, _ = policy_from_sft(cfg, batch_size)
+        policy, documents, _, _, _ = policy_from_sft(cfg, batch_size, layout)
         suffix = "-grpo"
     else:
         cfg = read_config(checkpoint, SFTConfig)

@@ -58,8 +58,7 @@ def make_llm_agent(spec: str, args):
     except CheckpointError:
         cfg = SFTConfig(data="", model=spec, max_doc_tokens=args.max_doc_tokens, lowercase=args.lowercase, **device,
                         **({"cache_dir": str(args.cache_dir)} if args.cache_dir else {}))
-        embedder = build_embedder(cfg)
-        embedder.reasoning_tokens, embedder.batch_size = args.reasoning, args.batch_size
+        embedder = build_embedder(cfg).with_options(reasoning_tokens=args.reasoning, batch_size=args.batch_size)
         return embedder, embedder
     if args.lowercase:
         raise ValueError(f"--lowercase applies to base models only; checkpoint {checkpoint} keeps the setting it "

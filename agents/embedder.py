@@ -14,6 +14,7 @@ compute goes to padding.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -134,6 +135,14 @@ class LLMEmbedder:
         if value != self._version:
             self.weights_id = None
         self._version = value
+
+    def with_options(self, *, reasoning_tokens: int | None = None, batch_size: int | None = None) -> "LLMEmbedder":
+        """The same model (shared, not copied) embedding with another reasoning budget or batch size: an agent to
+        evaluate, while the original keeps its own settings."""
+        view = copy.copy(self)
+        view.reasoning_tokens = self.reasoning_tokens if reasoning_tokens is None else reasoning_tokens
+        view.batch_size = self.batch_size if batch_size is None else batch_size
+        return view
 
     def bump_version(self) -> None:
         """Record that the weights changed, so indexes know their rows are stale."""

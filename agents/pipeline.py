@@ -117,9 +117,9 @@ def run(cfg: PipelineConfig) -> list[dict]:
     checkpoint = timed("sft", sft.train, sft_cfg)
     agent, documents = load_agent(checkpoint, cache_dir=cfg.cache_dir)
     rows.append(timed("sft eval", evaluate_row, cfg, "sft", agent, documents, data, cfg.cache_dir, checkpoint))
-    agent.reasoning_tokens = cfg.reasoning_tokens
-    rows.append(timed("sft+reasoning eval", evaluate_row, cfg, f"sft+reasoning{cfg.reasoning_tokens}", agent,
-                      documents, data, cfg.cache_dir, checkpoint))
+    rows.append(timed("sft+reasoning eval", evaluate_row, cfg, f"sft+reasoning{cfg.reasoning_tokens}",
+                      agent.with_options(reasoning_tokens=cfg.reasoning_tokens), documents, data, cfg.cache_dir,
+                      checkpoint))
     del agent, documents
 
     grpo_cfg = GRPOConfig(

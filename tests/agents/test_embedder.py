@@ -101,3 +101,12 @@ def test_model_folders_are_checked(tmp_path, tiny_model_dir):
     assert not model.training and model.config.hidden_size == 32
     with pytest.raises(ValueError, match="dtype"):
         load_causal_lm(tiny_model_dir, dtype="int8")
+
+
+def test_with_options_is_a_view_that_leaves_the_original_alone(tiny_embedder):
+    reasoning = tiny_embedder.with_options(reasoning_tokens=3, batch_size=2)
+    assert reasoning.model is tiny_embedder.model and reasoning.reasoning_tokens == 3 and reasoning.batch_size == 2
+    assert tiny_embedder.reasoning_tokens == 0 and tiny_embedder.batch_size == 4
+    texts = ["boundary layer flow", "shock wave"]
+    np.testing.assert_array_equal(tiny_embedder.with_options().encode_queries(texts), tiny_embedder.encode_queries(texts))
+    assert tiny_embedder.cache_key == reasoning.cache_key  # query-side settings do not change document rows

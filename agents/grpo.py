@@ -71,7 +71,8 @@ import torch
 import torch.nn.functional as F
 
 from searchr3_env.evaluation import evaluate_agent
-from searchr3_env.index import CorpusIndex, load_or_build_index
+from searchr3_env.corpus import Corpus
+from searchr3_env.index import load_or_build_index
 from searchr3_env.refresh import FrozenDocuments, LocalRefresh
 from searchr3_env.task import BatchScore, RetrievalTask, resolve_dataset
 
@@ -244,9 +245,9 @@ def held_out(policy: LLMEmbedder, val_task: RetrievalTask | None) -> Validation 
                       val_task.top_k)
 
 
-def save_trained_index(task: RetrievalTask, run_dir: Path, step: int) -> None:
-    """With trained documents the env's index is part of the run's state: rewards depend on its stale rows."""
-    task.index.save(index_file(run_dir, step))
+def save_trained_index(corpus: Corpus, run_dir: Path, step: int) -> None:
+    """With trained documents the env's rows are part of the run's state: rewards depend on its stale rows."""
+    corpus.save_state(index_file(run_dir, step))
 
 
 def keep_index_files_of_kept_checkpoints(run_dir: Path, checkpoint: Path) -> None:
@@ -273,16 +274,15 @@ def train(cfg: GRPOConfig) -> Path:
     trains_documents = documents is policy
     staleness = cfg.max_staleness if cfg.max_staleness >= 0 else None
     refresh = LocalRefresh(cfg.refresh_pool, staleness) if trains_documents else FrozenDocuments()
-    if resume_from is not None and trains_documents:  # the env's index is part of the state: rewards read its rows
-        index = CorpusIndex.load(index_file(run_dir, read_json(resume_from, STATE)["step"]))
-    else:
-        index = load_or_build_index(full, documents, cfg.cache_dir or sft_cfg.cache_dir, progress=cfg.progress)
-    task = RetrievalTask(rollout_data, documents, index, reward=cfg.reward, split="all",
-                         top_k=cfg.hard_negatives + 10, refresh=refresh)
+    index = load_or_build_index(full, documents, cfg.cache_dir or sft_cfg.cache_dir, progress=cfg.progress)
+    corpus = Corpus(full, documents, index, refresh)  # the rollouts' and the held-out queries' documents
+    if resume_from is not None and trains_documents:  # the env's rows are part of the state: rewards read them
+        corpus.load_state(index_file(run_dir, read_json(resume_from, STATE)["step"]))
+    task = RetrievalTask(rollout_data, split="all", reward=cfg.reward, top_k=cfg.hard_negatives + 10, corpus=corpus)
     val_task = None
     if val_ids:
-        val_task = RetrievalTask(query_collection(train_split, val_ids, f"{full.name}-val"), documents, index,
-                                 split="all", top_k=100, refresh=refresh)
+        val_task = RetrievalTask(query_collection(train_split, val_ids, f"{full.name}-val"), split="all", top_k=100,
+                                 corpus=corpus)
     optimizer = build_optimizer(policy.model, cfg.lr, cfg.weight_decay, sft_cfg.embed_token_lr_scale)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(cfg.warmup_steps, cfg.max_steps))
     state = GRPOState(cfg, policy, reference, task, train_ids, pseudo_ids, optimizer, scheduler, trains_documents)
@@ -292,7 +292,7 @@ def train(cfg: GRPOConfig) -> Path:
                  len(train_ids), len(judged_ids), len(pseudo_ids), len(val_ids),
                  "trained (local refresh)" if trains_documents else "frozen")
     hooks = Hooks(step=partial(grpo_step, state), evaluate=partial(held_out, policy, val_task),
-                  before_checkpoint=partial(save_trained_index, task, run_dir) if trains_documents else lambda step: None,
+                  before_checkpoint=partial(save_trained_index, corpus, run_dir) if trains_documents else lambda step: None,
                   after_checkpoint=partial(keep_index_files_of_kept_checkpoints, run_dir),
                   postfix=("reward", "loss_kl"), panels=PANELS)
     trainee = Trainee(policy.model, optimizer, scheduler, policy, layout)

@@ -33,7 +33,8 @@ from searchr3_env.atomic import atomic_write
 from searchr3_env.dataset import RetrievalDataset
 from searchr3_env.evaluation import evaluate_pair
 from searchr3_env.records import record_metadata, write_record
-from searchr3_env.task import default_document_encoder, resolve_dataset
+from searchr3_env.corpus import default_document_encoder
+from searchr3_env.task import resolve_dataset
 
 from . import grpo, sft
 from .policy import build_embedder, load_agent

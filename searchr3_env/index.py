@@ -26,6 +26,7 @@ import hashlib
 import io
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -133,6 +134,12 @@ class CorpusIndex:
         view = self._emb.view()
         view.flags.writeable = False
         return view
+
+    def memory(self) -> dict[str, int]:
+        """Bytes held per part: the rows, their versions, the document ids and the id-to-row dict (its slots)."""
+        ids = sys.getsizeof(self.doc_ids) + sum(sys.getsizeof(d) for d in self.doc_ids)
+        return {"rows": self._emb.nbytes, "versions": self._versions.nbytes, "doc_ids": ids,
+                "id_to_row": sys.getsizeof(self._pos)}
 
     @property
     def versions(self) -> np.ndarray:
@@ -289,11 +296,7 @@ class CorpusIndex:
             if pos.shape[1]:
                 ranks[sl] = np.where(ok, _count_at_least(block, self._tie_thresholds(queries[sl], block, pos)), 0)
             if exact_top and k:
-                part = np.argpartition(block, len(self) - k, axis=1)[:, -k:]  # (b, k) unordered
-                part_scores = np.take_along_axis(block, part, axis=1)
-                order = np.argsort(-part_scores, axis=1, kind="stable")
-                top_pos[sl] = np.take_along_axis(part, order, axis=1)
-                top_scores[sl] = np.take_along_axis(part_scores, order, axis=1)
+                top_pos[sl], top_scores[sl] = _top_k(block, k)
         if not exact_top and k:
             top_scores, top_pos = self.search(queries, k)
         return ranks, top_scores, top_pos
@@ -481,6 +484,24 @@ def _checksum(arrays: dict[str, np.ndarray], manifest: dict) -> str:
         h.update(f"{name}:{a.dtype.str}:{a.shape}".encode())
         h.update(a.tobytes())
     return h.hexdigest()
+
+
+def _top_k(block: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(positions, scores) of each row's ``k`` best entries, by score descending, then position ascending.
+
+    A partial sort alone (``argpartition``) picks and orders tied entries arbitrarily, so the same scores
+    could list different documents: every entry tied with the k-th best is a candidate, and the order
+    among equal scores is the index position.
+    """
+    n = block.shape[1]
+    kth = np.partition(block, n - k, axis=1)[:, n - k]  # (b,) each row's k-th largest score
+    positions = np.empty((len(block), k), dtype=np.int64)
+    scores = np.empty((len(block), k), dtype=block.dtype)
+    for i, row in enumerate(block):
+        candidates = np.flatnonzero(row >= kth[i])
+        best = candidates[np.lexsort((candidates, -row[candidates]))[:k]]
+        positions[i], scores[i] = best, row[best]
+    return positions, scores
 
 
 def _count_at_least(block: np.ndarray, thr: np.ndarray) -> np.ndarray:

@@ -40,19 +40,26 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
 from .encoders import Encoder
 from .index import CorpusIndex, encode_in_batches
 
-if TYPE_CHECKING:
-    from .task import RetrievalTask
-
 log = logging.getLogger(__name__)
 
 CorpusEncodeFn = Callable[[Encoder, Sequence[str]], np.ndarray]
+
+
+class Documents(Protocol):
+    """What a policy refreshes (a :class:`searchr3_env.corpus.Corpus`): rows, their encoder, the texts by row."""
+
+    index: CorpusIndex
+    encoder: Encoder
+    texts: Sequence[str]  # the document text of each index row, with ``take(rows)``
+
+    def swap(self, index: CorpusIndex) -> None: ...
 
 
 def encode_locally(encoder: Encoder, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
@@ -73,7 +80,7 @@ class FrozenDocuments:
 
     name = "frozen"
 
-    def prepare(self, task: "RetrievalTask", rel_positions: np.ndarray, queries: np.ndarray) -> RefreshReport:
+    def prepare(self, corpus: Documents, rel_positions: np.ndarray, queries: np.ndarray) -> RefreshReport:
         return RefreshReport(0, 0)
 
 
@@ -101,10 +108,10 @@ class FullRefresh:
         self._ready: CorpusIndex | None = None  # a finished background build, not yet swapped in
         self._error: BaseException | None = None
 
-    def _build(self, task: "RetrievalTask", encoder: Encoder) -> CorpusIndex:
+    def _build(self, corpus: Documents, encoder: Encoder) -> CorpusIndex:
         """A complete new snapshot, saved before anyone can score against it."""
-        old = task.index
-        emb = self.encode(encoder, task.doc_texts)
+        old = corpus.index
+        emb = self.encode(encoder, corpus.texts.take(range(len(corpus.texts))))
         index = CorpusIndex(
             old.doc_ids, emb, encoder.version, factory=old.factory, encoder_name=encoder.name,
             corpus_fingerprint=old.corpus_fingerprint,
@@ -114,25 +121,25 @@ class FullRefresh:
             index.save(self.save_to)
         return index
 
-    def _swap(self, task: "RetrievalTask", index: CorpusIndex) -> None:
-        task.index = index
+    def _swap(self, corpus: Documents, index: CorpusIndex) -> None:
+        corpus.swap(index)  # every task of the corpus scores against the new snapshot
         self.snapshot_id += 1
 
-    def _background_build(self, task: "RetrievalTask", encoder: Encoder) -> None:
+    def _background_build(self, corpus: Documents, encoder: Encoder) -> None:
         try:
-            index = self._build(task, encoder)
+            index = self._build(corpus, encoder)
             with self._lock:
                 self._ready = index
         except BaseException as err:  # surfaced on the next step, never swallowed
             with self._lock:
                 self._error = err
 
-    def prepare(self, task: "RetrievalTask", rel_positions: np.ndarray, queries: np.ndarray) -> RefreshReport:
-        version = task.encoder.version
+    def prepare(self, corpus: Documents, rel_positions: np.ndarray, queries: np.ndarray) -> RefreshReport:
+        version = corpus.encoder.version
         if not self.background:
-            if version - task.index.oldest_version >= self.every:
-                self._swap(task, self._build(task, task.encoder))
-                return RefreshReport(len(task.index), self.snapshot_id)
+            if version - corpus.index.oldest_version >= self.every:
+                self._swap(corpus, self._build(corpus, corpus.encoder))
+                return RefreshReport(len(corpus.index), self.snapshot_id)
             return RefreshReport(0, self.snapshot_id)
         reencoded = 0
         with self._lock:
@@ -140,11 +147,12 @@ class FullRefresh:
                 err, self._error = self._error, None
                 raise RuntimeError("background corpus refresh failed") from err
             if self._ready is not None:
-                self._swap(task, self._ready)
-                reencoded, self._ready = len(task.index), None
-        if (self._thread is None or not self._thread.is_alive()) and version - task.index.oldest_version >= self.every:
-            frozen = copy.deepcopy(task.encoder)  # the snapshot must not see later optimiser steps
-            self._thread = threading.Thread(target=self._background_build, args=(task, frozen), daemon=True)
+                self._swap(corpus, self._ready)
+                reencoded, self._ready = len(corpus.index), None
+        stale = version - corpus.index.oldest_version >= self.every
+        if (self._thread is None or not self._thread.is_alive()) and stale:
+            frozen = copy.deepcopy(corpus.encoder)  # the snapshot must not see later optimiser steps
+            self._thread = threading.Thread(target=self._background_build, args=(corpus, frozen), daemon=True)
             self._thread.start()
         return RefreshReport(reencoded, self.snapshot_id)
 
@@ -183,9 +191,9 @@ class LocalRefresh:
         self.max_rounds = max_rounds
         self.encode = encode
 
-    def rows_to_refresh(self, task: "RetrievalTask", rel_positions: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    def rows_to_refresh(self, corpus: Documents, rel_positions: np.ndarray, queries: np.ndarray) -> np.ndarray:
         """Unique positions of the stale rows this batch depends on."""
-        index, version = task.index, task.encoder.version
+        index, version = corpus.index, corpus.encoder.version
         pool = [rel_positions[rel_positions >= 0]]
         if self.pool:
             pool.append(index.search(queries, self.pool)[1].ravel())
@@ -197,16 +205,15 @@ class LocalRefresh:
             rows = np.union1d(rows, too_old)
         return rows
 
-    def prepare(self, task: "RetrievalTask", rel_positions: np.ndarray, queries: np.ndarray) -> RefreshReport:
-        if task.index.oldest_version >= task.encoder.version:  # nothing is stale: exact as it stands
+    def prepare(self, corpus: Documents, rel_positions: np.ndarray, queries: np.ndarray) -> RefreshReport:
+        if corpus.index.oldest_version >= corpus.encoder.version:  # nothing is stale: exact as it stands
             return RefreshReport(0, 0)
         total = 0
         for _ in range(self.max_rounds):
-            rows = self.rows_to_refresh(task, rel_positions, queries)
+            rows = self.rows_to_refresh(corpus, rel_positions, queries)
             if not len(rows):
                 break
-            texts = [task.doc_texts[p] for p in rows]
-            task.index.update(rows, self.encode(task.encoder, texts), task.encoder.version)
+            corpus.index.update(rows, self.encode(corpus.encoder, corpus.texts.take(rows)), corpus.encoder.version)
             total += len(rows)
         return RefreshReport(total, 0)
 
@@ -221,5 +228,5 @@ def get_policy(spec) -> FrozenDocuments | FullRefresh | LocalRefresh:
             raise ValueError(f"unknown refresh policy {spec!r}; choose from {sorted(POLICIES)}")
         return POLICIES[spec]()
     if not hasattr(spec, "prepare"):
-        raise TypeError(f"a refresh policy needs a prepare(task, rel_positions, queries) method, got {spec!r}")
+        raise TypeError(f"a refresh policy needs a prepare(corpus, rel_positions, queries) method, got {spec!r}")
     return spec

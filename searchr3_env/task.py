@@ -1,16 +1,17 @@
-"""What the single and the vector env share: the collection, the index and how a batch is scored.
+"""What the single and the vector env share: a query split scored against a corpus.
 
-``RetrievalTask`` resolves the env's keyword arguments (dataset object or path,
-document encoder, index object or path, reward, split, refresh policy) once,
-and scores a batch of (query id, embedding) pairs: the refresh policy first
-re-encodes whatever stale rows it must, then one matrix product ranks. ``RetrievalEnv`` and
+``RetrievalTask`` is a thin scorer: the documents, their encoder, the index and
+the refresh policy belong to a :class:`~searchr3_env.corpus.Corpus`, which
+several tasks (a training and a validation split, the sub-envs of one vector
+env) share, so a refresh or a full swap reaches all of them. A batch of (query
+id, embedding) pairs is scored by letting the corpus refresh whatever stale
+rows it must, then one matrix product ranks. ``RetrievalEnv`` and
 ``RetrievalVectorEnv`` are thin Gymnasium shells around it, so both give the
 same rewards for the same actions.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,17 +22,14 @@ from gymnasium.error import CustomSpaceError
 from gymnasium.vector.utils import create_shared_memory
 
 from .beir import load_beir
+from .corpus import Corpus, IndexLike
 from .dataset import RetrievalDataset
-from .encoders import Encoder, HashingEncoder, l2_normalise, scale_rows
-from .index import CorpusIndex
+from .encoders import Encoder, l2_normalise, scale_rows
 from .metrics import ndcg
-from .refresh import RefreshReport, get_policy
+from .refresh import RefreshReport
 from .rewards import RewardFn, get_reward
 
-log = logging.getLogger(__name__)
-
 DatasetLike = RetrievalDataset | str | Path | None
-IndexLike = CorpusIndex | str | Path | None
 
 
 def resolve_dataset(dataset: DatasetLike) -> RetrievalDataset:
@@ -43,10 +41,6 @@ def resolve_dataset(dataset: DatasetLike) -> RetrievalDataset:
 
         return make_synthetic()
     return load_beir(dataset)
-
-
-def default_document_encoder(dataset: RetrievalDataset) -> HashingEncoder:
-    return HashingEncoder().fit(dataset.document_texts())
 
 
 class QueryText(spaces.Text):
@@ -98,13 +92,17 @@ class RetrievalTask:
         top_k: int = 10,
         refresh="local",
         progress: bool = False,
+        corpus: Corpus | None = None,
     ):
+        """``corpus`` shares an existing corpus (then ``encoder``, ``index`` and ``refresh`` are its own); else
+        the corpus of (dataset, encoder, index, refresh) is shared with every task made from the same objects."""
         full = resolve_dataset(dataset)
+        if corpus is None:
+            corpus = Corpus.shared(full, encoder, index, refresh, progress)
+        elif corpus.fingerprint != full.corpus_fingerprint:
+            raise ValueError(f"corpus {corpus.name!r} holds other documents than dataset {full.name!r}")
+        self.corpus = corpus
         self.dataset = full.split(split)
-        self.encoder = encoder if encoder is not None else default_document_encoder(full)
-        self.index = self._resolve_index(index, full, progress)
-        self.doc_texts = full.document_texts(self.index.doc_ids)  # aligned with index rows, for refreshes
-        self.refresh = get_policy(refresh)
         self.reward_name, self.reward_fn = get_reward(reward)
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
@@ -128,26 +126,23 @@ class RetrievalTask:
         )
         self.action_space = spaces.Box(-1.0, 1.0, (self.index.dim,), np.float32)
 
-    def _resolve_index(self, index: IndexLike, dataset: RetrievalDataset, progress: bool) -> CorpusIndex:
-        if index is None:
-            return CorpusIndex.build(dataset, self.encoder, progress=progress)
-        if not isinstance(index, CorpusIndex):
-            index = CorpusIndex.load(index, corpus_fingerprint=dataset.corpus_fingerprint, dim=self.encoder.dim)
-        if index.dim != self.encoder.dim:
-            raise ValueError(f"index has dim {index.dim} but the document encoder has dim {self.encoder.dim}")
-        if index.encoder_name not in ("unknown", self.encoder.name):
-            raise ValueError(
-                f"index rows were written by encoder {index.encoder_name!r}, not by {self.encoder.name!r}"
-            )
-        if index.corpus_fingerprint not in (None, dataset.corpus_fingerprint):
-            raise ValueError("index was built for another corpus (fingerprint mismatch)")
-        stale = len(index.stale_rows(self.encoder.version))
-        if stale:
-            log.warning(
-                "index is stale: %d of %d rows were written before encoder version %d; the refresh policy "
-                "decides which are re-encoded", stale, len(index), self.encoder.version,
-            )
-        return index
+    @property
+    def index(self):
+        """The corpus's index as it is now (a full refresh swaps it for every task of the corpus)."""
+        return self.corpus.index
+
+    @property
+    def encoder(self) -> Encoder:
+        return self.corpus.encoder
+
+    @property
+    def refresh(self):
+        return self.corpus.refresh
+
+    @property
+    def doc_texts(self):
+        """Document texts by index row (what refreshes re-encode)."""
+        return self.corpus.texts
 
     @property
     def dim(self) -> int:
@@ -194,7 +189,7 @@ class RetrievalTask:
         """Rank the relevant documents of each query against the index: one matrix product."""
         rows = np.array([self._qpos[q] for q in query_ids])
         positions, grades = self.rel_positions[rows], self.rel_grades[rows]
-        refresh = self.refresh.prepare(self, positions, embeddings)
+        refresh = self.corpus.prepare(positions, embeddings)
         ranks, top_scores, top_positions = self.index.ranks_and_top_k(embeddings, positions, self.top_k)
         padded = np.where(grades > 0, ranks, np.inf)  # the metrics' padding convention
         touched = np.concatenate([positions, top_positions], axis=1)

@@ -99,6 +99,10 @@ class RetrievalEnv(gym.Env):
       ``"full"``, ``"frozen"``, or a policy object from ``searchr3_env.refresh``.
       With an encoder whose weights never change (the default) nothing is ever
       re-encoded.
+    - ``corpus``: a ``searchr3_env.corpus.Corpus`` to score against (then
+      ``encoder``, ``index`` and ``refresh`` are the corpus's own). Without it,
+      envs made from the same arguments (the sub-envs of one ``make_vec``)
+      share one corpus, so a refresh or a full swap reaches all of them.
     - ``render_mode``: ``None`` or ``"ansi"`` (a text summary of the last step);
       any other raises ``UnsupportedRenderMode``, both a ``ValueError`` and a
       ``TypeError`` (so Stable-Baselines3's ``make_vec_env`` falls back to none).

@@ -11,6 +11,7 @@
 from gymnasium.envs.registration import register, registry
 
 from .beir import load_beir
+from .corpus import Corpus
 from .dataset import Document, DatasetError, RetrievalDataset, query_split_of
 from .encoders import Encoder, HashingEncoder
 from .env import RetrievalEnv
@@ -37,6 +38,7 @@ if ENV_ID not in registry:
 
 __all__ = [
     "ENV_ID",
+    "Corpus",
     "CorpusIndex",
     "DatasetError",
     "Document",

@@ -18,18 +18,28 @@ includes float32 rounding: scores within ``TIE_RTOL * |q| * |d|`` of each other.
 An index pickles without its FAISS objects (rebuilt on the next search); one
 loaded from a file and unchanged since pickles as the file's path and checksum,
 and unpickling reopens the file, refusing it if it has changed.
+
+Two ways to persist: :meth:`CorpusIndex.save` writes the whole index to one file (``FORMAT``);
+:meth:`CorpusIndex.save_incremental` checkpoints it as a manifest naming an immutable base segment (a
+``FORMAT`` file) and delta segments of the rows changed since the previous checkpoint, so a checkpoint after
+a local refresh writes those rows only. Segments are named by their checksum and shared between manifests;
+:func:`prune_segments` deletes those no kept manifest names (checkpoint rotation).
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import logging
+import os
+import re
 import sys
 import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import faiss
 import numpy as np
@@ -48,6 +58,13 @@ TIE_RTOL = 2e-6
 _BLOCK_FLOATS = 1 << 25
 # What a pickled index that equals its saved file reads back from the file instead of carrying.
 _FILE_ARRAYS = ("doc_ids", "_pos", "_emb", "_versions")
+# Incremental checkpoints (save_incremental): a manifest naming a base segment (a FORMAT file) and delta segments.
+MANIFEST_FORMAT = "searchr3-corpus-index-manifest/1"
+DELTA_FORMAT = "searchr3-corpus-index-delta/1"
+# A save writes a new base instead of a delta once a manifest's deltas would exceed this share of its base's bytes.
+COMPACT_ABOVE = 0.5
+_SEGMENT = re.compile(r"(base|delta)-[0-9a-f]{32}\.npz")
+_TEMPORARY = re.compile(r"\.((?:base|delta)-[0-9a-f]{32}\.npz|.+?\.json)\..+\.tmp\Z")  # atomic_write's names
 
 
 class IndexFileError(ValueError):
@@ -95,6 +112,7 @@ class CorpusIndex:
             self._gpu_resources()  # fail early without a GPU
         self._oldest: int | None = None
         self._source: tuple[str, str] | None = None  # (path, checksum) of the file this index equals, if any
+        self._segments: _Segments | None = None  # the checkpoint segments save_incremental extends, if any
         if factory != "Flat":
             faiss.index_factory(self.dim, factory, faiss.METRIC_INNER_PRODUCT)  # fail early on a bad string
 
@@ -207,6 +225,8 @@ class CorpusIndex:
         self.index_version += 1
         self._oldest = None
         self._source = None
+        if self._segments is not None:
+            self._segments.note(rows, added)
         if self._ann is None or not self._ann_synced:
             return
         try:
@@ -370,13 +390,9 @@ class CorpusIndex:
         The checksum covers the arrays *and* every manifest field, so an edited
         fingerprint or dim is caught as surely as a flipped embedding byte.
         """
-        arrays = self._arrays()
-        manifest = self.manifest()
-        manifest["sha256"] = _checksum(arrays, manifest)
-        buf = io.BytesIO()
-        np.savez(buf, manifest=np.frombuffer(json.dumps(manifest).encode(), dtype=np.uint8), **arrays)
+        data, _ = self._file_bytes()
         with atomic_write(path) as f:
-            f.write(buf.getbuffer())
+            f.write(data)
         return Path(path)
 
     @classmethod
@@ -415,6 +431,124 @@ class CorpusIndex:
         )
         index.index_version = manifest["index_version"]
         index._source = (str(path.resolve()), manifest["sha256"])
+        return index
+
+    def save_incremental(self, folder: str | Path, name: str, *, compact_above: float = COMPACT_ABOVE) -> Path:
+        """Checkpoint the index as ``folder/<name>.json``, writing only the rows changed since its last checkpoint.
+
+        The manifest names an immutable *base* segment (a whole index, in the file format :meth:`load` reads)
+        and the ordered *delta* segments (positions, embeddings and versions of changed rows) that turn it into
+        this index, with every segment's checksum and size. Segments are named by their checksum, so manifests
+        share them. A save extends the segments of the manifest this index was last saved to or loaded from in
+        ``folder`` with one delta of the rows changed since (none when nothing changed). It writes a new base
+        instead when there is nothing to extend (first save, another folder, a replaced index, pruned
+        segments), when rows were added, or when the deltas would exceed ``compact_above`` times the base's
+        bytes: past that a load reads more delta than base, and rewriting the base costs less than the deltas
+        already written.
+
+        Every file is written atomically and the manifest last, so a crash at any moment leaves every earlier
+        manifest loadable; segments a killed save wrote and no manifest names go with :func:`prune_segments`.
+        """
+        folder, target = Path(folder), _manifest_path(folder, name)
+        folder.mkdir(parents=True, exist_ok=True)
+        _remove_dead_temporaries(folder)
+        segments, why = self._segments_to_extend(folder, compact_above)
+        if segments is None:
+            log.info("%s: writing a new base segment: %s", target, why)
+            segments = [_write_segment(folder, "base", *self._file_bytes())]
+        elif self._segments.dirty.any():
+            segments.append(_write_segment(folder, "delta", *self._delta_bytes(segments[-1])))
+        manifest = self.manifest() | {"format": MANIFEST_FORMAT, "segments": segments}
+        manifest["sha256"] = _checksum({}, manifest)
+        with atomic_write(target, "w") as f:
+            json.dump(manifest, f, indent=1)
+        self._segments = _Segments(folder.resolve(), segments, np.zeros(len(self), dtype=bool))
+        return target
+
+    def _segments_to_extend(self, folder: Path, compact_above: float) -> tuple[list[dict] | None, str]:
+        """The segments a new delta can go on top of (a copy of the list), or None and why a base is due."""
+        seg = self._segments
+        if seg is None:
+            return None, "no earlier checkpoint of this index to build on"
+        if seg.folder != folder.resolve():
+            return None, f"its earlier segments are in {seg.folder}"
+        if seg.grown:
+            return None, "rows were added since its last checkpoint"
+        gone = [s["file"] for s in seg.files if _size(folder / s["file"]) != s["bytes"]]
+        if gone:
+            return None, f"segment {gone[0]} is gone or changed"
+        base = seg.files[0]["bytes"]
+        deltas = sum(s["bytes"] for s in seg.files[1:]) + int(seg.dirty.sum()) * (self._emb.itemsize * self.dim + 16)
+        if deltas > compact_above * base:
+            return None, f"deltas would reach {deltas / base:.0%} of the base (compaction above {compact_above:.0%})"
+        return list(seg.files), ""
+
+    def _file_bytes(self) -> tuple[memoryview, str]:
+        """This index as one file of the format :meth:`load` reads, and its checksum."""
+        arrays = self._arrays()
+        manifest = self.manifest()
+        manifest["sha256"] = _checksum(arrays, manifest)
+        buf = io.BytesIO()
+        np.savez(buf, manifest=np.frombuffer(json.dumps(manifest).encode(), dtype=np.uint8), **arrays)
+        return buf.getbuffer(), manifest["sha256"]
+
+    def _delta_bytes(self, parent: dict) -> tuple[memoryview, str]:
+        """A delta segment of the rows changed since ``parent`` (the last segment), and its checksum."""
+        rows = np.flatnonzero(self._segments.dirty)
+        arrays = {"positions": rows, "embeddings": self._emb[rows], "versions": self._versions[rows]}
+        header = {"format": DELTA_FORMAT, "parent": parent["file"], "parent_sha256": parent["sha256"],
+                  "dim": self.dim, "rows": len(self)}
+        header["sha256"] = _checksum(arrays, header)
+        buf = io.BytesIO()
+        np.savez(buf, manifest=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8), **arrays)
+        return buf.getbuffer(), header["sha256"]
+
+    @classmethod
+    def load_incremental(
+        cls, path: str | Path, *, corpus_fingerprint: str | None = None, dim: int | None = None
+    ) -> "CorpusIndex":
+        """Read a manifest written by :meth:`save_incremental`: its base, then its deltas in order.
+
+        Refuses, naming the file and why, a manifest or segment that is missing, truncated, tampered with
+        (every checksum is verified), out of order, or built for another corpus or dim. The loaded index
+        remembers its segments, so its next :meth:`save_incremental` into the same folder writes a delta.
+        """
+        path = Path(path)
+        remove_stale_temporaries(path)
+        _remove_dead_temporaries(path.parent)
+        manifest = _read_manifest(path)
+        if corpus_fingerprint is not None and manifest["corpus_fingerprint"] != corpus_fingerprint:
+            raise IndexFileError(
+                f"{path}: built for corpus {manifest['corpus_fingerprint']!r:.20}, not this dataset's "
+                f"{corpus_fingerprint!r:.20}"
+            )
+        if dim is not None and manifest["dim"] != dim:
+            raise IndexFileError(f"{path}: embeddings have dim {manifest['dim']}, expected {dim}")
+        files = manifest["segments"]
+        _, base = _read_segment(path, files[0], FORMAT)
+        emb, versions = base["embeddings"], base["versions"]
+        for parent, entry in itertools.pairwise(files):
+            header, delta = _read_segment(path, entry, DELTA_FORMAT)
+            where = path.parent / entry["file"]
+            if header["parent"] != parent["file"]:
+                raise IndexFileError(f"{where}: a delta on {header['parent']}, but {path} puts it on {parent['file']}")
+            pos = delta["positions"]
+            if header["rows"] != len(emb) or (len(pos) and (pos.min() < 0 or pos.max() >= len(emb))):
+                raise IndexFileError(f"{where}: rows outside the {len(emb)} rows of {files[0]['file']}")
+            emb[pos], versions[pos] = delta["embeddings"], delta["versions"]
+        index = cls(
+            base["doc_ids"].tolist(),
+            emb,
+            versions,
+            factory=manifest["factory"],
+            encoder_name=manifest["encoder_name"],
+            corpus_fingerprint=manifest["corpus_fingerprint"],
+        )
+        if (len(index), index.dim) != (manifest["rows"], manifest["dim"]):
+            raise IndexFileError(f"{path}: its segments hold {len(index)} x {index.dim}, the manifest says "
+                                 f"{manifest['rows']} x {manifest['dim']}")
+        index.index_version = manifest["index_version"]
+        index._segments = _Segments(path.parent.resolve(), files, np.zeros(len(index), dtype=bool))
         return index
 
     # ------------------------------------------------------------------ pickling
@@ -502,6 +636,131 @@ def _top_k(block: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         best = candidates[np.lexsort((candidates, -row[candidates]))[:k]]
         positions[i], scores[i] = best, row[best]
     return positions, scores
+
+
+@dataclass
+class _Segments:
+    """The segments (base, then deltas) an index extends, with the rows changed since the last of them."""
+
+    folder: Path  # resolved: where the segments are
+    files: list[dict]  # manifest entries {"file", "sha256", "bytes"}
+    dirty: np.ndarray  # (rows,) bool: changed since the last segment
+    grown: bool = False  # rows were added since: the next save writes a new base
+
+    def note(self, rows: np.ndarray, added: bool) -> None:
+        if added:
+            self.grown = True
+        else:
+            self.dirty[rows] = True
+
+
+def prune_segments(folder: str | Path, keep: Iterable[str | Path]) -> list[Path]:
+    """Delete the manifests in ``folder`` not named in ``keep``, then every segment no kept manifest names.
+
+    ``keep`` holds manifest names (``step-000010`` or ``step-000010.json``) or paths; a kept name without a
+    manifest is ignored (e.g. a checkpoint saved without an index). Manifests go before segments, so a crash
+    mid-prune never leaves a manifest without its segments. If a kept manifest cannot be read, no segment is
+    deleted (it cannot say which it needs). Not for a folder that another process is saving into: its new
+    segments are not yet named by any manifest. Returns what was deleted.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    _remove_dead_temporaries(folder)
+    kept = {_manifest_path(folder, Path(k).name) for k in keep}
+    removed = []
+    for path in sorted(folder.glob("*.json")):
+        if path not in kept:
+            try:
+                is_manifest = json.loads(path.read_text()).get("format") == MANIFEST_FORMAT
+            except (OSError, ValueError, AttributeError):
+                is_manifest = False
+            if not is_manifest:
+                log.warning("prune_segments: %s is not an index manifest, left alone", path)
+                continue
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    needed = set()
+    for path in kept:
+        if path.is_file():
+            try:
+                needed.update(entry["file"] for entry in _read_manifest(path)["segments"])
+            except IndexFileError as err:
+                log.warning("prune_segments: deleting no segment, a kept manifest is unreadable: %s", err)
+                return removed
+    for path in sorted(folder.iterdir()):
+        if _SEGMENT.fullmatch(path.name) and path.name not in needed:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _manifest_path(folder: str | Path, name: str) -> Path:
+    name = name.removesuffix(".json")
+    if not name or name.startswith(".") or Path(name).name != name:
+        raise ValueError(f"manifest name {name!r}: expected a plain file name")
+    return Path(folder) / f"{name}.json"
+
+
+def _write_segment(folder: Path, kind: str, data: memoryview, checksum: str) -> dict:
+    """Write a segment named by its checksum (atomically: an existing one has the same bytes); its manifest entry."""
+    name = f"{kind}-{checksum[:32]}.npz"
+    with atomic_write(folder / name) as f:
+        f.write(data)
+    return {"file": name, "sha256": checksum, "bytes": len(data)}
+
+
+def _read_manifest(path: Path) -> dict:
+    if not path.is_file():
+        raise IndexFileError(f"{path}: no such index manifest")
+    try:
+        manifest = json.loads(path.read_text())
+        segments = manifest["segments"]
+        if not segments or not all(isinstance(s["file"], str) and _SEGMENT.fullmatch(s["file"]) for s in segments):
+            raise ValueError(f"segments {segments!r:.80}")
+    except Exception as err:  # json, or a manifest of another shape
+        raise IndexFileError(f"{path}: unreadable or truncated index manifest ({type(err).__name__}: {err})") from None
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise IndexFileError(f"{path}: format {manifest.get('format')!r}, expected a {MANIFEST_FORMAT} manifest")
+    if _checksum({}, manifest) != manifest.get("sha256"):
+        raise IndexFileError(f"{path}: checksum mismatch, the manifest was modified or corrupted")
+    return manifest
+
+
+def _read_segment(manifest_path: Path, entry: dict, fmt: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """A segment's header and arrays, refused (naming the file) unless its checksum is the manifest's."""
+    path = manifest_path.parent / entry["file"]
+    if not path.is_file():
+        raise IndexFileError(f"{path}: segment missing (named by {manifest_path}); deleted or never written")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            header = json.loads(bytes(z["manifest"]).decode())
+            arrays = {name: z[name] for name in z.files if name != "manifest"}
+    except Exception as err:  # numpy, zipfile and json raise many types for a damaged file
+        raise IndexFileError(f"{path}: unreadable or truncated segment ({type(err).__name__}: {err})") from None
+    if not isinstance(header, dict) or header.get("format") != fmt:
+        raise IndexFileError(f"{path}: format {header.get('format') if isinstance(header, dict) else header!r}, "
+                             f"expected a {fmt} segment")
+    if not header.get("sha256") == entry["sha256"] == _checksum(arrays, header):
+        raise IndexFileError(f"{path}: checksum mismatch, the segment was modified or corrupted")
+    return header, arrays
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
+
+
+def _remove_dead_temporaries(folder: Path) -> None:
+    """What killed saves left in a segment folder: each file's temporaries whose writer is gone."""
+    try:
+        names = {m[1] for e in os.scandir(folder) if (m := _TEMPORARY.match(e.name))}
+    except OSError:
+        return
+    for name in names:
+        remove_stale_temporaries(folder / name)
 
 
 def _count_at_least(block: np.ndarray, thr: np.ndarray) -> np.ndarray:

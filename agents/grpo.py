@@ -72,7 +72,7 @@ import torch.nn.functional as F
 
 from searchr3_env.evaluation import evaluate_agent
 from searchr3_env.corpus import Corpus
-from searchr3_env.index import load_or_build_index
+from searchr3_env.index import load_or_build_index, prune_segments
 from searchr3_env.refresh import FrozenDocuments, LocalRefresh
 from searchr3_env.task import BatchScore, RetrievalTask, resolve_dataset
 
@@ -148,8 +148,11 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def index_file(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / "index" / f"step-{step:06d}.npz"
+def index_state(run_dir: Path, step: int) -> Path:
+    """The env's rows at checkpoint ``step``: a manifest of incremental segments, or a single file from a run
+    saved before them."""
+    manifest = Path(run_dir) / "index" / f"step-{step:06d}.json"
+    return manifest if manifest.is_file() else manifest.with_suffix(".npz")
 
 
 @dataclass
@@ -246,13 +249,16 @@ def held_out(policy: LLMEmbedder, val_task: RetrievalTask | None) -> Validation 
 
 
 def save_trained_index(corpus: Corpus, run_dir: Path, step: int) -> None:
-    """With trained documents the env's rows are part of the run's state: rewards depend on its stale rows."""
-    corpus.save_state(index_file(run_dir, step))
+    """With trained documents the env's rows are part of the run's state: rewards depend on its stale rows. Only the
+    rows refreshed since the last checkpoint are written."""
+    corpus.save_state(Path(run_dir) / "index", f"step-{step:06d}")
 
 
 def keep_index_files_of_kept_checkpoints(run_dir: Path, checkpoint: Path) -> None:
+    """After the checkpoint rotation: drop the env states no kept checkpoint needs, never a segment one does."""
     kept = {p.name for p in checkpoint.parent.glob("step-*")}
-    for old in (Path(run_dir) / "index").glob("step-*.npz"):
+    prune_segments(Path(run_dir) / "index", kept)
+    for old in (Path(run_dir) / "index").glob("step-*.npz"):  # single files of a run begun before segments
         if old.stem not in kept:
             old.unlink()
 
@@ -277,7 +283,7 @@ def train(cfg: GRPOConfig) -> Path:
     index = load_or_build_index(full, documents, cfg.cache_dir or sft_cfg.cache_dir, progress=cfg.progress)
     corpus = Corpus(full, documents, index, refresh)  # the rollouts' and the held-out queries' documents
     if resume_from is not None and trains_documents:  # the env's rows are part of the state: rewards read them
-        corpus.load_state(index_file(run_dir, read_json(resume_from, STATE)["step"]))
+        corpus.load_state(index_state(run_dir, read_json(resume_from, STATE)["step"]))
     task = RetrievalTask(rollout_data, split="all", reward=cfg.reward, top_k=cfg.hard_negatives + 10, corpus=corpus)
     val_task = None
     if val_ids:

@@ -126,13 +126,18 @@ class Corpus:
             raise ValueError("a swapped-in index must hold the same documents in the same rows")
         self.index = index
 
-    def save_state(self, path: str | Path) -> Path:
-        """Write what rewards depend on beyond the encoder's weights: the index rows and their versions."""
-        return self.index.save(path)
+    def save_state(self, folder: str | Path, name: str) -> Path:
+        """Checkpoint what rewards depend on beyond the encoder's weights, the rows and their versions, as
+        ``folder/<name>.json``: only the rows changed since the last checkpoint in ``folder`` are written (a delta
+        segment over an immutable base; :meth:`CorpusIndex.save_incremental`). Rotate with
+        :func:`searchr3_env.index.prune_segments`."""
+        return self.index.save_incremental(folder, name)
 
     def load_state(self, path: str | Path) -> None:
-        """Restore rows and versions written by :meth:`save_state` (a resumed run scores as the killed one did)."""
-        self.swap(CorpusIndex.load(path, corpus_fingerprint=self.fingerprint, dim=self.dim))
+        """Restore rows and versions from a :meth:`save_state` manifest, or from a single-file index (``.npz``,
+        as runs saved before incremental checkpoints): a resumed run scores as the killed one did."""
+        read = CorpusIndex.load if Path(path).suffix == ".npz" else CorpusIndex.load_incremental
+        self.swap(read(path, corpus_fingerprint=self.fingerprint, dim=self.dim))
 
     def memory(self) -> dict[str, int]:
         """Bytes held per part: rows, versions, document ids, the id-to-row dict, texts."""

@@ -167,3 +167,17 @@ def test_grpo_draws_pseudo_queries_and_logs_their_reward_apart(tiny_beir, sft_ru
         assert r["pseudo_share"] == pytest.approx(0.5, abs=0.2)
         share = r["pseudo_share"]
         assert r["reward_env"] == pytest.approx(share * r["reward_env_pseudo"] + (1 - share) * r["reward_env_judged"])
+
+
+def test_checkpoints_save_the_env_rows_as_segments_and_rotation_keeps_exactly_what_they_need(finished_run):
+    from searchr3_env.index import CorpusIndex
+
+    cfg, checkpoint = finished_run
+    folder = Path(cfg.output_dir) / "index"
+    kept = sorted(p.name for p in checkpoint.parent.glob("step-*"))
+    manifests = sorted(folder.glob("step-*.json"))
+    assert [p.stem for p in manifests] == kept  # one manifest per kept checkpoint, older ones pruned
+    needed = {seg["file"] for m in manifests for seg in json.loads(m.read_text())["segments"]}
+    assert {p.name for p in folder.glob("*.npz")} == needed  # no segment a kept checkpoint needs is gone, no other
+    for manifest in manifests:
+        assert len(CorpusIndex.load_incremental(manifest)) == len(load_beir(cfg.data).corpus)

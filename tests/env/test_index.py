@@ -10,10 +10,6 @@ from __future__ import annotations
 import io
 import json
 import random
-import signal
-import subprocess
-import sys
-import time
 import zipfile
 from pathlib import Path
 
@@ -22,6 +18,7 @@ import numpy as np
 import pytest
 
 import searchr3_env.index as index_mod
+from killed_writer import kill_writer
 from searchr3_env.dataset import Document, RetrievalDataset
 from searchr3_env.encoders import HashingEncoder
 from searchr3_env.index import FORMAT, CorpusIndex, IndexFileError
@@ -692,44 +689,13 @@ def _generation(index: CorpusIndex) -> int:
 
 
 def _kill_during_save(path: Path, mode: str, first: int, rng: random.Random) -> tuple[int, int, int]:
-    """Start a writer, SIGKILL it during a save; (last generation reported saved, last started, saves seen)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _WRITER, str(path), mode, str(first)],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    saved_gen, saving_gen, lines = first - 1, first - 1, []
-    try:
-        deadline = time.monotonic() + 30
-        trigger = {"plain": "saving", "slow-write": "writing", "slow-replace": "replacing"}[mode]
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            assert line, f"writer died: {proc.stderr.read()}"
-            lines.append(line.split())
-            if lines[-1][0] == "saving":
-                saving_gen = int(lines[-1][1])
-            if lines[-1][0] == "saved":
-                saved_gen = int(lines[-1][1])
-            # let at least one save of this writer complete before the kill (except for slow modes,
-            # whose first save is the one to interrupt)
-            if lines[-1][0] == trigger and (mode != "plain" or saved_gen >= first):
-                time.sleep(rng.uniform(0.0, 0.06) if mode == "plain" else 0.05)
-                break
-        proc.send_signal(signal.SIGKILL)
-        rest, _ = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    for words in (w.split() for w in rest.splitlines()):
-        if words and words[0] == "saving":
-            saving_gen = int(words[1])
-        if words and words[0] == "saved":
-            saved_gen = int(words[1])
-    assert proc.returncode == -signal.SIGKILL
-    return saved_gen, saving_gen, sum(1 for w in lines if w[0] == "saved")
+    """Start a writer, SIGKILL it during a save; (last generation reported saved, last started, saves seen).
+
+    At least one save of a plain writer completes before the kill; a slow mode's first save is the one to
+    interrupt."""
+    trigger = {"plain": "saving", "slow-write": "writing", "slow-replace": "replacing"}[mode]
+    return kill_writer([_WRITER, str(path), mode, str(first)], trigger, lambda saved: mode != "plain" or saved >= first,
+                       rng.uniform(0.0, 0.06) if mode == "plain" else 0.05)
 
 
 def test_sigkill_during_save_leaves_the_previous_complete_index(tmp_path):

@@ -10,15 +10,12 @@ import json
 import pickle
 import random
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from killed_writer import kill_writer
 from searchr3_env.index import (
     COMPACT_ABOVE,
     DELTA_FORMAT,
@@ -447,40 +444,13 @@ def replay(gens: list[int]) -> tuple[np.ndarray, np.ndarray]:
     return emb, versions
 
 
-def kill_writer(folder: Path, mode: str, first: int, compact_above: float, rng: random.Random):
+def kill_during_save(folder: Path, mode: str, first: int, compact_above: float, rng: random.Random):
     """Start a writer, SIGKILL it during a save; (last generation reported saved, last started)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _WRITER, str(folder), mode, str(first), str(compact_above)],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    saved_gen = saving_gen = first - 1
-    try:
-        deadline = time.monotonic() + 30
-        trigger = "replacing" if mode.startswith("slow-replace") else {"plain": "saving", "slow-write": "writing"}[mode]
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            assert line, f"writer died: {proc.stderr.read()}"
-            words = line.split()
-            if words[0] == "saving":
-                saving_gen = int(words[1])
-            if words[0] == "saved":
-                saved_gen = int(words[1])
-            if words[0] == trigger and (mode != "plain" or saved_gen >= first + 2):
-                time.sleep(rng.uniform(0.0, 0.03) if mode == "plain" else 0.05)
-                break
-        proc.send_signal(signal.SIGKILL)
-        rest, _ = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    for words in (w.split() for w in rest.splitlines()):
-        if words and words[0] == "saving":
-            saving_gen = int(words[1])
-        if words and words[0] == "saved":
-            saved_gen = int(words[1])
-    assert proc.returncode == -signal.SIGKILL
-    return saved_gen, saving_gen
+    trigger = "replacing" if mode.startswith("slow-replace") else {"plain": "saving", "slow-write": "writing"}[mode]
+    saved, started, _ = kill_writer([_WRITER, str(folder), mode, str(first), str(compact_above)], trigger,
+                                    lambda saved: mode != "plain" or saved >= first + 2,
+                                    rng.uniform(0.0, 0.03) if mode == "plain" else 0.05)
+    return saved, started
 
 
 def test_sigkill_during_incremental_saves_leaves_the_previous_manifest_loadable(tmp_path):
@@ -493,7 +463,7 @@ def test_sigkill_during_incremental_saves_leaves_the_previous_manifest_loadable(
     rounds = [("slow-replace-manifest", 0.2), ("slow-replace-segment", 0.2), ("slow-write", 0.0),
               ("slow-write", 0.2), ("plain", 0.2), ("plain", 0.2), ("plain", 0.0), ("plain", 0.2)]
     for mode, compact_above in rounds:
-        saved_gen, saving_gen = kill_writer(folder, mode, first, compact_above, rng)
+        saved_gen, saving_gen = kill_during_save(folder, mode, first, compact_above, rng)
         temps = [p for p in folder.iterdir() if p.name.startswith(".")]
         assert all(p.name.endswith(".tmp") for p in temps), temps
         if mode != "plain":

@@ -703,10 +703,6 @@ def parse_args(argv=None):
 
 def main(argv=None) -> str:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout,
-                        force=True)
-    for name in ("searchr3_env.task", "searchr3_env.corpus"):  # "index is stale" is the point here
-        logging.getLogger(name).setLevel(logging.ERROR)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "full").mkdir(exist_ok=True)
@@ -732,5 +728,14 @@ def main(argv=None) -> str:
     return body
 
 
+def configure_logging() -> None:
+    """The script's own log (not done by ``main``, which tests call in a process whose logging they own)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout,
+                        force=True)
+    for name in ("searchr3_env.task", "searchr3_env.corpus"):  # "index is stale" is the point here
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 if __name__ == "__main__":
+    configure_logging()
     main()

@@ -291,7 +291,9 @@ def blocks(records_dir: Path, resamples: int) -> dict[Path, dict[str, object]]:
         HERE / "RESULTS.md": {
             "retrieval": lambda page: retrieval_headline(table, headline_stats, carried["retrieval"], page),
             "env": lambda page: carried_table(carried["env"], page),
+            "corpus": lambda page: carried_table(carried["corpus"], page),
             "refresh": lambda page: carried_table(carried["refresh"], page),
+            "refresh-grpo": lambda page: carried_table(carried["refresh-grpo"], page),
             "spt": lambda page: spt_table(spt, page),
             "rl": lambda page: carried_table(carried["rl"], page),
         },

@@ -13,43 +13,16 @@ AGENTS = Path(__file__).resolve().parents[2] / "agents"
 MAX_FUNCTION_LINES = 80
 
 
-def agents_imports(path: Path) -> set[str]:
-    """The agents modules ``path`` imports anywhere in it (functions and TYPE_CHECKING blocks included)."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom):
-            if node.level == 1:  # from .x import y / from . import x
-                found |= {node.module} if node.module else {a.name for a in node.names}
-            elif node.module and node.module.startswith("agents."):
-                found.add(node.module.split(".")[1])
-        elif isinstance(node, ast.Import):
-            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("agents.")}
-    return {m.split(".")[0] for m in found}
-
-
-def graph() -> dict[str, set[str]]:
-    return {p.stem: agents_imports(p) - {p.stem} for p in AGENTS.glob("*.py") if p.stem != "__init__"}
-
-
-def test_sft_and_grpo_import_nothing_from_each_other():
-    imports = graph()
+def test_sft_and_grpo_import_nothing_from_each_other(imports_of):
+    package_imports, _ = imports_of
+    imports = package_imports(AGENTS)
     assert "grpo" not in imports["sft"] and "sft" not in imports["grpo"]
 
 
-def test_no_import_cycle_among_agents_modules():
-    imports, state = graph(), {}
-
-    def visit(module: str, path: list[str]) -> None:
-        state[module] = "open"
-        for dep in sorted(imports.get(module, ())):
-            assert state.get(dep) != "open", f"import cycle: {' -> '.join(path + [dep])}"
-            if dep not in state:
-                visit(dep, path + [dep])
-        state[module] = "done"
-
-    for module in sorted(imports):
-        if module not in state:
-            visit(module, [module])
+def test_no_import_cycle_among_agents_modules(imports_of):
+    package_imports, import_cycle = imports_of
+    cycle = import_cycle(package_imports(AGENTS))
+    assert cycle is None, " -> ".join(cycle)
 
 
 def test_no_function_in_agents_is_longer_than_80_lines():

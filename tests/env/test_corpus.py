@@ -3,8 +3,6 @@ and top-k lists order tied documents by index position."""
 
 from __future__ import annotations
 
-import ast
-import json
 from pathlib import Path
 
 import gymnasium
@@ -81,47 +79,8 @@ def test_top_k_orders_ties_by_score_then_position():
     assert flat.ranks_and_top_k(query, np.full((1, 1), -1), 7)[2][0].tolist() == list(range(7))
 
 
-def test_no_import_cycle_in_searchr3_env():
+def test_no_import_cycle_in_searchr3_env(imports_of):
     """Imports among the package's modules (TYPE_CHECKING blocks included) never go round in a circle."""
-    graph = {}
-    for path in PACKAGE.glob("*.py"):
-        deps = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                deps |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
-        graph[path.stem] = deps - {path.stem}
-    state = {}
-
-    def visit(module, trail):
-        state[module] = "open"
-        for dep in sorted(graph.get(module, ())):
-            assert state.get(dep) != "open", " -> ".join(trail + [dep])
-            if dep not in state:
-                visit(dep, trail + [dep])
-        state[module] = "done"
-
-    for module in sorted(graph):
-        if module not in state:
-            visit(module, [module])
-
-
-def test_save_and_load_state_round_trip_incrementally(tmp_path):
-    from searchr3_env.refresh import LocalRefresh
-
-    ds = dataset()
-    encoder = DriftingEncoder(ds.document_texts())
-    task = RetrievalTask(ds, encoder=encoder, split="all", refresh=LocalRefresh(pool=10))
-    first = task.corpus.save_state(tmp_path / "index", "step-000001")
-    encoder.step()
-    score(task, task.query_ids[:3])  # refreshes some rows
-    second = task.corpus.save_state(tmp_path / "index", "step-000002")
-    assert json.loads(second.read_text())["segments"][0] == json.loads(first.read_text())["segments"][0]  # same base
-    restored = Corpus(ds, encoder=encoder, refresh="frozen")
-    for manifest, want in ((first, None), (second, task.index)):
-        restored.load_state(manifest)
-        if want is not None:
-            np.testing.assert_array_equal(restored.index.embeddings, want.embeddings)
-            np.testing.assert_array_equal(restored.index.versions, want.versions)
-    task.index.save(tmp_path / "old.npz")  # a run saved before segments: a single file still restores
-    restored.load_state(tmp_path / "old.npz")
-    np.testing.assert_array_equal(restored.index.versions, task.index.versions)
+    package_imports, import_cycle = imports_of
+    cycle = import_cycle(package_imports(PACKAGE))
+    assert cycle is None, " -> ".join(cycle)

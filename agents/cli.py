@@ -48,7 +48,9 @@ def evaluate_baseline(name: str, data, split: str, depth: int, cache_dir: Path |
 
 
 def make_llm_agent(spec: str, args):
-    """(query agent, document encoder) for ``llm:SPEC``: an SFT or GRPO checkpoint or run folder, else a base model."""
+    """(query agent, document encoder, weights) for ``llm:SPEC``: an SFT or GRPO checkpoint or run folder, else a
+    base model. ``weights`` is the checkpoint or model folder evaluated (None for the packaged SmolLM2): a record
+    names the weights it measured by their digest."""
     from .checkpoint import CheckpointError, resolve_checkpoint
     from .policy import build_embedder, load_agent
 
@@ -59,23 +61,13 @@ def make_llm_agent(spec: str, args):
         cfg = SFTConfig(data="", model=spec, max_doc_tokens=args.max_doc_tokens, lowercase=args.lowercase, **device,
                         **({"cache_dir": str(args.cache_dir)} if args.cache_dir else {}))
         embedder = build_embedder(cfg).with_options(reasoning_tokens=args.reasoning, batch_size=args.batch_size)
-        return embedder, embedder
+        return embedder, embedder, Path(spec) if Path(spec).is_dir() else None
     if args.lowercase:
         raise ValueError(f"--lowercase applies to base models only; checkpoint {checkpoint} keeps the setting it "
                          "was trained with")
-    return load_agent(checkpoint, reasoning_tokens=args.reasoning, batch_size=args.batch_size,
-                      cache_dir=args.cache_dir, **device)
-
-
-def weights_of(spec: str) -> Path | None:
-    """The checkpoint or model folder an ``llm:`` spec evaluates (None for the packaged SmolLM2): a record names
-    the weights it measured by their digest."""
-    from .checkpoint import CheckpointError, resolve_checkpoint
-
-    try:
-        return resolve_checkpoint(spec)
-    except CheckpointError:
-        return Path(spec) if Path(spec).is_dir() else None
+    agent, documents = load_agent(checkpoint, reasoning_tokens=args.reasoning, batch_size=args.batch_size,
+                                  cache_dir=args.cache_dir, **device)
+    return agent, documents, checkpoint
 
 
 def format_table(rows: list[dict]) -> str:
@@ -126,8 +118,7 @@ def cmd_eval(args) -> int:
         check_run_ids(dataset.split(args.split).judged_query_ids, dataset.doc_ids)
     weights = None
     if args.encoder.startswith("llm:"):
-        agent, encoder = make_llm_agent(args.encoder[len("llm:"):], args)
-        weights = weights_of(args.encoder[len("llm:"):])
+        agent, encoder, weights = make_llm_agent(args.encoder[len("llm:"):], args)
         if args.reasoning:
             args.encoder += f"+reasoning{args.reasoning}"
         row, evaluation = evaluate_pair(args.encoder, agent, encoder, dataset, split=args.split,

@@ -12,6 +12,7 @@ imports the other.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import re
 from pathlib import Path
@@ -179,8 +180,8 @@ def load_agent(path: str | Path, *, reasoning_tokens: int | None = None, device:
     layout = read_layout(checkpoint)
     if layout.stage == "grpo":
         cfg = read_config(checkpoint, GRPOConfig)
-        cfg = GRPOConfig(**{**cfg.__dict__, "init": layout.base, "device": device or cfg.device,
-                            "dtype": dtype or cfg.dtype, "cache_dir": str(cache_dir or cfg.cache_dir)})
+        cfg = dataclasses.replace(cfg, init=layout.base, device=device or cfg.device, dtype=dtype or cfg.dtype,
+                                  cache_dir=str(cache_dir or cfg.cache_dir))
         policy, documents, _, _, _ = policy_from_sft(cfg, batch_size, layout)
         suffix = "-grpo"
     else:
